@@ -1,0 +1,920 @@
+"""
+kivla: a Knowledge-Insulated Vision-Language-Action model, the whole thing in one file.
+
+A VLM backbone (a small ViT + a decoder-only transformer) learns robot actions as discrete FAST tokens
+with next-token cross-entropy; beside it a smaller "action expert" transformer learns continuous action
+chunks with flow matching. The expert reads the backbone's per-layer keys/values through a stop-gradient,
+so its randomly initialised weights never push gradients into the backbone ("knowledge insulation").
+At inference the prefix is encoded once and the expert integrates 10 Euler steps: no token decoding.
+
+References
+  [1] Driess et al. 2025, "Knowledge Insulating Vision-Language-Action Models: Train Fast, Run Fast,
+      Generalize Better", arXiv 2505.23705 (the method implemented here, "KI").
+  [2] Black et al. 2024, "pi0: A Vision-Language-Action Flow Model", arXiv 2410.24164 (action expert).
+  [3] Physical Intelligence 2025, "pi0.5", arXiv 2504.16054 (discrete state tokens, adaRMSNorm on time).
+  [4] Pertsch et al. 2025, "FAST: Efficient Action Tokenization", arXiv 2501.09747 (DCT + BPE).
+  [5] Lipman et al. 2023, "Flow Matching for Generative Modeling" (the flow loss).
+
+Notation
+  B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens (= Ti + Tt + 2),
+  Ts suffix tokens (FAST or VQA-answer tokens), H action horizon, A action dim, D model width,
+  nh heads, hs head size, L layers, tau flow time (1 = pure noise, 0 = clean actions).
+
+Token layout (one row of a batch)
+
+      prefix: bidirectional                     suffix: causal
+  [ image (Ti) | instruction (Tt) | state (2) ][ "Action:" fast_tokens ... "|" ]   <- backbone (VLM)
+        ^ every backbone layer l exposes its keys/values K_l, V_l over the prefix
+        |
+        |  stop_gradient(K_l, V_l)   <- knowledge insulation: the flow loss cannot reach the VLM
+        |
+  [ noisy action chunk x_tau (H) ]                                                 <- action_expert
+    attends to [prefix of the backbone] + [itself, bidirectional]; never to the suffix.
+
+Deliberately not here: a real pre-trained VLM (see `backbone_prefix_kv` for the one boundary a
+HuggingFace model would sit behind), multiple cameras, action normalisation statistics (the toy's
+velocity actions already live in [-1, 1]), distributed training, real-robot I/O.
+"""
+
+import math
+import string
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import gymnasium
+from gymnasium import spaces
+from PIL import Image, ImageDraw
+
+# ------------------------------------------------------------------------------------------------
+# 1. FAST action tokenizer [4]: chunk -> DCT per dimension -> scale & round -> low-freq-first -> BPE
+# ------------------------------------------------------------------------------------------------
+
+
+def dct_matrix(n):
+    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x, x = C.T @ coef (scipy norm="ortho")."""
+    k = np.arange(n)[:, None]
+    t = np.arange(n)[None, :]
+    c = np.sqrt(2.0 / n) * np.cos(np.pi * (t + 0.5) * k / n)
+    c[0] /= np.sqrt(2.0)  # row 0 (the mean) gets sqrt(1/n) so every row has unit norm
+    return c
+
+
+def _merge_pair(seq, pair, new_id):
+    """Replace non-overlapping occurrences of `pair` in a list of ints, left to right (minbpe)."""
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+class FASTTokenizer:
+    """Frequency-space Action Sequence Tokenizer [4], from scratch in numpy.
+
+    Actions are expected in about [-1, 1] (the toy's velocity actions are); anything outside is clipped
+    before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H), so the base
+    alphabet [-M, M] with M = round(scale * sqrt(H)) holds every coefficient of every in-range chunk:
+    nothing in range is ever clamped, even coefficients never seen in `fit`.
+    Ids: [0, 2M] are base symbols (coefficient q -> q + M), then one id per learned BPE merge.
+    """
+
+    def __init__(self, scale=10.0, vocab_size=512):
+        self.scale, self.vocab_size = float(scale), int(vocab_size)
+        self.H = self.D = None
+        self.merges = []  # list of (a, b): merge i creates id n_base + i
+
+    # -- the deterministic front end: chunk <-> integer symbols ------------------------------
+    def _setup(self, H, D):
+        self.H, self.D = int(H), int(D)
+        self.M = int(round(self.scale * math.sqrt(self.H)))
+        self.n_base = 2 * self.M + 1
+        assert self.n_base <= self.vocab_size, (
+            f"vocab_size={self.vocab_size} is smaller than the {self.n_base} base symbols needed for "
+            f"scale={self.scale}, H={self.H}; raise vocab_size or lower scale")
+        self.C = dct_matrix(self.H)  # (H, H)
+
+    def _symbols(self, chunk):
+        x = np.clip(np.asarray(chunk, dtype=np.float64), -1.0, 1.0)  # (H, D), documented clip
+        coef = self.C @ x  # (H, D) DCT-II along time, per action dimension
+        q = np.rint(coef * self.scale).astype(np.int64)  # (H, D) integers in [-M, M]
+        return (q.reshape(-1) + self.M).tolist()  # row-major = all dims' freq 0, then freq 1, ...
+
+    def _check_chunk(self, chunk):
+        assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
+        chunk = np.asarray(chunk)
+        if chunk.shape != (self.H, self.D):
+            raise ValueError(f"FASTTokenizer: expected a chunk of shape ({self.H}, {self.D}), got {chunk.shape}")
+        if not np.all(np.isfinite(chunk)):
+            raise ValueError("FASTTokenizer: chunk contains NaN or inf")
+        return chunk
+
+    # -- BPE over the symbol sequences -------------------------------------------------------
+    def fit(self, chunks):
+        """Learn BPE merges on (N, H, D) chunks. Pair counting is vectorised over the whole corpus
+        (all sequences concatenated with -1 separators), so 10k chunks take about a second."""
+        chunks = np.asarray(chunks, dtype=np.float64)
+        if chunks.ndim != 3 or len(chunks) == 0:
+            raise ValueError(f"FASTTokenizer.fit: expected chunks of shape (N, H, D), got {chunks.shape}")
+        self._setup(chunks.shape[1], chunks.shape[2])
+        x = np.clip(chunks, -1.0, 1.0)
+        q = np.rint(np.einsum("th,nhd->ntd", self.C, x) * self.scale).astype(np.int64) + self.M  # (N, H, D)
+        seqs = np.concatenate([q.reshape(len(q), -1), -np.ones((len(q), 1), np.int64)], axis=1)
+        arr = seqs.reshape(-1)  # one long int array, -1 separates chunks
+        self.merges = []
+        for new_id in range(self.n_base, self.vocab_size):
+            a, b = arr[:-1], arr[1:]
+            ok = (a >= 0) & (b >= 0)
+            keys = a[ok] * self.vocab_size + b[ok]
+            if len(keys) == 0:
+                break
+            uniq, counts = np.unique(keys, return_counts=True)
+            best = int(np.argmax(counts))  # ties -> smallest pair key: deterministic
+            if counts[best] < 2:
+                break  # a merge seen once compresses nothing that generalises
+            pa, pb = divmod(int(uniq[best]), self.vocab_size)
+            arr = self._merge_array(arr, pa, pb, new_id)
+            self.merges.append((pa, pb))
+        self._build_tables()
+        return self
+
+    @staticmethod
+    def _merge_array(arr, pa, pb, new_id):
+        hit = np.flatnonzero((arr[:-1] == pa) & (arr[1:] == pb))
+        if pa == pb and len(hit) > 1:  # subtle: in a run "aaa" only the first pair merges
+            keep, last = [], -2
+            for i in hit.tolist():
+                if i != last + 1:
+                    keep.append(i)
+                    last = i
+                else:
+                    last = -2
+            hit = np.array(keep, dtype=np.int64)
+        arr = arr.copy()
+        arr[hit] = new_id
+        return np.delete(arr, hit + 1)
+
+    def _build_tables(self):
+        self.ranks = {tuple(p): self.n_base + i for i, p in enumerate(self.merges)}
+        self.expand = [[i] for i in range(self.n_base)]  # id -> base symbols
+        for a, b in self.merges:
+            self.expand.append(self.expand[a] + self.expand[b])
+
+    def encode(self, chunk):
+        """(H, D) float chunk -> list of ids in [0, vocab_size). Applies merges lowest rank first."""
+        seq = self._symbols(self._check_chunk(chunk))
+        while len(seq) > 1:
+            pairs = set(zip(seq[:-1], seq[1:]))
+            pair = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            seq = _merge_pair(seq, pair, self.ranks[pair])
+        return seq
+
+    def decode(self, ids, return_valid=False):
+        """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything. Unknown ids
+        are dropped, missing coefficients are 0, extra ones are cut. valid = nothing had to be fixed."""
+        assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
+        syms, valid = [], True
+        for i in ids:
+            try:
+                i = int(i)
+            except (TypeError, ValueError, OverflowError):
+                valid = False
+                continue
+            if 0 <= i < len(self.expand):
+                syms.extend(self.expand[i])
+            else:
+                valid = False
+        n = self.H * self.D
+        if len(syms) != n:
+            valid = False
+            syms = (syms + [self.M] * n)[:n]  # symbol M is coefficient 0
+        coef = (np.array(syms, dtype=np.float64) - self.M).reshape(self.H, self.D) / self.scale
+        chunk = (self.C.T @ coef).astype(np.float32)  # (H, D) inverse DCT
+        return (chunk, valid) if return_valid else chunk
+
+    def state_dict(self):
+        return {"scale": self.scale, "vocab_size": self.vocab_size, "H": self.H, "D": self.D,
+                "merges": [list(p) for p in self.merges]}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        tok = cls(scale=d["scale"], vocab_size=d["vocab_size"])
+        tok._setup(d["H"], d["D"])
+        tok.merges = [tuple(int(v) for v in p) for p in d["merges"]]
+        tok._build_tables()
+        return tok
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Toy environment: push the <colour> block to the <corner> corner (a gymnasium env)
+# ------------------------------------------------------------------------------------------------
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
+          "yellow": (235, 200, 30), "purple": (150, 60, 200)}
+CORNERS = {"top left": (0.15, 0.15), "top right": (0.85, 0.15),
+           "bottom left": (0.15, 0.85), "bottom right": (0.85, 0.85)}  # (x, y), y grows downwards
+# colour x corner pairs that never appear in robot demos (their words do, in VQA): language following
+HELDOUT_TASKS = [("red", "bottom right"), ("green", "top left"), ("blue", "bottom left"),
+                 ("yellow", "top right"), ("purple", "top left")]
+TRAIN_TASKS = [(c, k) for c in COLORS for k in CORNERS if (c, k) not in HELDOUT_TASKS]
+ALL_TASKS = [(c, k) for c in COLORS for k in CORNERS]
+INSTRUCTION = "push the {color} block to the {corner} corner"
+
+
+class PushEnv(gymnasium.Env):
+    """A 2-D tabletop in [0, 1]^2: a round pusher, 3 coloured round blocks, 4 corner goal pads.
+
+    The blocks' positions are only in the image and the task only in the words, so a policy needs
+    vision and language. Action: pusher velocity in [-1, 1]^2 (times `speed` per step), clipped.
+    Physics is kinematic and deterministic: the pusher displaces blocks along the contact normal,
+    blocks displace blocks, walls clamp. `tasks` picks the (colour, corner) pairs that reset samples.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    pusher_radius, block_radius, speed, success_tol = 0.05, 0.06, 0.05, 0.06
+
+    def __init__(self, image_size=64, max_episode_steps=100, tasks="train", render_mode=None, render_size=256):
+        if tasks not in ("train", "heldout", "all") and not isinstance(tasks, (list, tuple)):
+            raise ValueError(f"tasks must be 'train', 'heldout', 'all' or a list of (colour, corner), got {tasks!r}")
+        self.tasks = {"train": TRAIN_TASKS, "heldout": HELDOUT_TASKS, "all": ALL_TASKS}.get(tasks, tasks)
+        for c, k in self.tasks:
+            assert c in COLORS and k in CORNERS, f"unknown task ({c!r}, {k!r})"
+        self.image_size, self.max_episode_steps = image_size, max_episode_steps
+        self.render_mode, self.render_size = render_mode, render_size
+        self.observation_space = spaces.Dict({
+            "image": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
+            "state": spaces.Box(0.0, 1.0, (2,), np.float32),
+            "instruction": spaces.Text(max_length=64, charset=string.ascii_lowercase + " "),
+        })
+        self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        rng = self.np_random
+        task = (options or {}).get("task")
+        if task is None:
+            task = self.tasks[rng.integers(len(self.tasks))]
+        self.color, self.corner = task
+        others = [c for c in COLORS if c != self.color]
+        self.colors = [self.color] + [others[i] for i in rng.choice(len(others), 2, replace=False)]
+        self.blocks = self._place(rng, 3, self.block_radius * 2 + 0.02, lo=0.25, hi=0.75)  # (3, 2)
+        while True:  # pusher anywhere not touching a block
+            p = rng.uniform(0.1, 0.9, 2)
+            if np.min(np.linalg.norm(self.blocks - p, axis=1)) > self.pusher_radius + self.block_radius + 0.02:
+                break
+        self.pusher, self.goal = p, np.array(CORNERS[self.corner])
+        self.instruction = INSTRUCTION.format(color=self.color, corner=self.corner)
+        self.steps = 0
+        return self._obs(), {"success": False}
+
+    @staticmethod
+    def _place(rng, n, min_dist, lo, hi):
+        while True:
+            pts = rng.uniform(lo, hi, (n, 2))
+            d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(n)
+            if d.min() > min_dist:
+                return pts
+
+    def step(self, action):
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (2,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"PushEnv.step: action must be 2 finite numbers, got {action!r}")
+        a = np.clip(a, -1.0, 1.0)  # out-of-range velocities are clipped, like a real motor limit
+        self._physics(a * self.speed)
+        self.steps += 1
+        dist = float(np.linalg.norm(self.blocks[0] - self.goal))
+        success = dist < self.success_tol
+        truncated = self.steps >= self.max_episode_steps and not success
+        return self._obs(), -dist, success, truncated, {"success": success}
+
+    def _physics(self, dp):
+        rp, rb = self.pusher_radius, self.block_radius
+        self.pusher = np.clip(self.pusher + dp, rp, 1 - rp)
+        for _ in range(4):  # a few relaxation sweeps resolve chains (pusher -> block -> block)
+            for i in range(3):
+                d = self.blocks[i] - self.pusher
+                n = math.hypot(d[0], d[1])
+                if n < rp + rb:
+                    self.blocks[i] = self.pusher + d / max(n, 1e-9) * (rp + rb)
+            for i in range(3):
+                for j in range(i + 1, 3):
+                    d = self.blocks[j] - self.blocks[i]
+                    n = math.hypot(d[0], d[1])
+                    if n < 2 * rb:
+                        shift = d / max(n, 1e-9) * (2 * rb - n) / 2
+                        self.blocks[i] -= shift
+                        self.blocks[j] += shift
+            self.blocks = np.clip(self.blocks, rb, 1 - rb)
+        for i in range(3):  # a block stuck at a wall pushes the pusher back instead
+            d = self.pusher - self.blocks[i]
+            n = math.hypot(d[0], d[1])
+            if n < rp + rb:
+                self.pusher = np.clip(self.blocks[i] + d / max(n, 1e-9) * (rp + rb), rp, 1 - rp)
+
+    # -- observation and rendering ---------------------------------------------------------------
+    def _obs(self):
+        return {"image": self._draw(self.image_size), "state": self.pusher.astype(np.float32),
+                "instruction": self.instruction}
+
+    def _draw(self, size):
+        img = Image.new("RGB", (size, size), (205, 205, 200))
+        dr = ImageDraw.Draw(img)
+        g = 0.1 * size  # goal pads: the four corners look alike, only the words say which one
+        for gx, gy in CORNERS.values():
+            dr.rectangle([gx * size - g, gy * size - g, gx * size + g, gy * size + g], fill=(165, 165, 160))
+        r = self.block_radius * size
+        for (x, y), c in zip(self.blocks, self.colors):
+            dr.ellipse([x * size - r, y * size - r, x * size + r, y * size + r], fill=COLORS[c])
+        r = self.pusher_radius * size
+        x, y = self.pusher
+        dr.ellipse([x * size - r, y * size - r, x * size + r, y * size + r], fill=(30, 30, 30))
+        return np.asarray(img)
+
+    def render(self):
+        return self._draw(self.render_size)
+
+
+gymnasium.register(id="kivla/Push-v0", entry_point=PushEnv)
+
+
+def expert_action(env, noise=0.0, rng=None):
+    """Scripted pushing oracle (Language Table style): get behind the block, then push it to the goal.
+
+    A plain function of the env's true state. Proportional control saturating at speed 1 keeps the
+    actions smooth (so the DCT compresses them). With noise > 0 it returns the clean action plus
+    Gaussian noise: the demo collector executes the noisy one and records the clean one (DART).
+    """
+    b, g, p = env.blocks[0], env.goal, env.pusher
+    reach = env.pusher_radius + env.block_radius
+    to_goal = g - b
+    dist = np.linalg.norm(to_goal)
+    u = to_goal / max(dist, 1e-9)  # push direction
+    rel = p - b
+    along = rel @ u  # < 0: pusher is behind the block
+    lateral = rel - along * u
+    lat = np.linalg.norm(lateral)
+    if along < -0.5 * reach and lat < 0.025:
+        # push phase: drive along u, steer back onto the line behind the block, slow down near the goal
+        target = b - u * reach * 0.8 + u * min(dist, 0.1)
+    elif along < 0 or lat > reach + 0.02:
+        target = b - u * (reach + 0.015)  # go to the pre-push point
+    else:
+        # on the wrong side of the block: go around it, sideways first
+        side = lateral / lat if lat > 1e-6 else np.array([-u[1], u[0]])
+        target = b + side * (reach + 0.04) - u * 0.03
+    v = (target - p) / env.speed
+    n = np.linalg.norm(v)
+    v = v / n if n > 1.0 else v
+    if noise > 0:
+        rng = rng if rng is not None else np.random.default_rng()
+        v = v + noise * rng.standard_normal(2)
+    return np.clip(v, -1.0, 1.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Toy vision-language data: questions about a scene, covering every word the instructions use
+# ------------------------------------------------------------------------------------------------
+# A real VLA starts from a VLM that already knows what "red" and "top left" mean. Our stand-in for that
+# knowledge is toy VQA on the same scenes; the backbone is pre-trained on it and co-trained with it.
+
+
+def position_bins(xy, grid=8, bins=256):
+    """Coarse (x, y) answer as two state-bin tokens: the centre bin of an 8x8 grid cell."""
+    cell = np.clip((np.asarray(xy) * grid).astype(int), 0, grid - 1)
+    return ((cell + 0.5) * bins / grid).astype(int).tolist()
+
+
+def make_vqa(env, rng):
+    """One (question, answer) about the env's current scene. Answers are word strings, except
+    "where is" whose answer is a list of two state-bin ints (x, y)."""
+    kind = rng.integers(3)
+    i = int(rng.integers(3))
+    color, pos = env.colors[i], env.blocks[i]
+    if kind == 0:
+        return f"where is the {color} block", position_bins(pos)
+    if kind == 1:
+        corner = min(CORNERS, key=lambda k: np.linalg.norm(pos - np.array(CORNERS[k])))
+        return f"which corner is the {color} block nearest", corner
+    corner = list(CORNERS)[rng.integers(4)]
+    j = int(np.argmin(np.linalg.norm(env.blocks - np.array(CORNERS[corner]), axis=1)))
+    return f"what colour is the block nearest the {corner} corner", env.colors[j]
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. One vocabulary for the backbone: specials | words | 256 state bins | FAST ids (last, as openpi)
+# ------------------------------------------------------------------------------------------------
+
+SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
+WORDS = sorted(set(" ".join([INSTRUCTION, "where is the which corner nearest what colour", *COLORS, *CORNERS])
+                   .replace("{color}", "").replace("{corner}", "").split()))
+
+
+class Vocab:
+    """Word-level text tokens + discretised state + FAST ids, mapped into one id space.
+
+    ids: [specials][words][state bins 0..255][FAST 0..V-1]. The FAST ids sit at the end of the table,
+    as openpi maps FAST into the last ids of PaliGemma's vocabulary.
+    """
+
+    def __init__(self, fast_vocab_size, state_bins=256):
+        self.itos = SPECIALS + WORDS
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.state_offset = len(self.itos)
+        self.state_bins = state_bins
+        self.fast_offset = self.state_offset + state_bins
+        self.size = self.fast_offset + fast_vocab_size
+        self.pad, self.unk, self.action, self.answer, self.eos = range(5)
+
+    def words(self, text):
+        """-> (ids, unknown_words). Unknown words become <unk> and are reported, never dropped."""
+        toks = text.lower().split()
+        return [self.stoi.get(w, self.unk) for w in toks], [w for w in toks if w not in self.stoi]
+
+    def state(self, xy):
+        """pi0.5 feeds proprioception as text: each coordinate in [0, 1] -> one of 256 bin tokens."""
+        b = np.clip((np.asarray(xy, dtype=np.float64) * self.state_bins).astype(int), 0, self.state_bins - 1)
+        return (b + self.state_offset).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Config: one dataclass, stored in every checkpoint
+# ------------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402  (the numpy-only tokenizer and env above do not need torch)
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+VARIANTS = ("ki", "joint", "pi0", "fast")
+
+
+@dataclass
+class Config:
+    variant: str = "ki"         # ki: CE(FAST)+flow, stop-gradient | joint: same, no stop-gradient
+                                # pi0: flow only, no FAST tokens | fast: CE(FAST) only, AR decoding
+    flow_weight: float = 1.0    # alpha in  loss = CE + alpha * flow-MSE  (0 allowed)
+    action_horizon: int = 10    # H, actions per chunk
+    action_dim: int = 2         # A
+    image_size: int = 64        # S, must match the env's observation
+    patch_size: int = 16        # -> (S / patch)^2 image tokens (16): few tokens keep the CPU budget
+    vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs (Xiao et al. 2021) | "patchify": one conv
+    film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
+    vit_width: int = 64
+    vit_layers: int = 2
+    d_model: int = 64           # backbone width (Gemma analog)
+    n_layer: int = 4            # shared by backbone and action expert (attention is mixed per layer)
+    n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
+    head_dim: int = 16
+    expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
+    text_len: int = 12          # Tt, words of instruction / question (padded)
+    state_bins: int = 256       # pi0.5: proprioception as discrete tokens
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not self.flow_weight >= 0:
+            raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
+        if self.vit_stem not in ("conv", "patchify"):
+            raise ValueError(f"vit_stem must be 'conv' or 'patchify', got {self.vit_stem!r}")
+        if self.image_size % self.patch_size or (self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
+                             "(a power of two for the conv stem)")
+
+    # derived from `variant` only, never set twice
+    @property
+    def stop_gradient(self):
+        return self.variant == "ki"
+
+    @property
+    def use_fast(self):
+        return self.variant in ("ki", "joint", "fast")
+
+    @property
+    def use_flow(self):
+        return self.variant != "fast"
+
+    @property
+    def n_image_tokens(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_len(self):
+        return self.n_image_tokens + self.text_len + 2  # Tp: image | text | state (x, y)
+
+    @property
+    def suffix_len(self):
+        return self.action_horizon * self.action_dim + 1  # Ts: "Action:" + worst case one id per coefficient
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Transformer pieces shared by the ViT, the backbone and the action expert
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def rope(x, pos):
+    """Rotary position embedding on (B, nh, T, hs) with integer positions (T,)."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention + gated MLP. Used three ways:
+    ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
+    (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
+
+    def __init__(self, width, n_head, head_dim, cond_dim=0):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, head_dim
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.qkv = nn.Linear(width, 3 * n_head * head_dim, bias=False)
+        self.proj = nn.Linear(n_head * head_dim, width, bias=False)
+        self.fc_gate = nn.Linear(width, 4 * width, bias=False)
+        self.fc_up = nn.Linear(width, 4 * width, bias=False)
+        self.fc_down = nn.Linear(4 * width, width, bias=False)
+        # pi0.5's adaRMSNorm: the condition predicts a scale, shift and gate per sub-block
+        self.ada = nn.Linear(cond_dim, 6 * width) if cond_dim else None
+
+    def forward(self, x, pos=None, mask=None, past_kv=None, cond=None):
+        """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nh, T, hs).
+        past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
+        mask: bool (B, 1, T, Tpast + T), True = may attend."""
+        B, T, _ = x.shape
+        mod = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0] if self.ada is None else \
+            [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]
+        if self.ada is not None:  # (1 + scale), shift, (1 + gate): the identity at zero init
+            mod = [1 + mod[0], mod[1], 1 + mod[2], 1 + mod[3], mod[4], 1 + mod[5]]
+        h = self.norm1(x) * mod[0] + mod[1]
+        q, k, v = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, nh, T, hs)
+        if pos is not None:
+            q, k = rope(q, pos), rope(k, pos)
+        kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
+        x = x + mod[2] * self.proj(a.transpose(1, 2).reshape(B, T, -1))
+        h = self.norm2(x) * mod[3] + mod[4]
+        x = x + mod[5] * self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # GeGLU, as in Gemma
+        return x, (k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. ViT image encoder (SigLIP analog): conv stem -> patch tokens -> transformer -> backbone width
+# ------------------------------------------------------------------------------------------------
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg, n_words):
+        super().__init__()
+        w = cfg.vit_width
+        if cfg.vit_stem == "conv":  # Xiao et al. 2021: 3x3 stride-2 convs see better than one big patchify
+            n = int(math.log2(cfg.patch_size))
+            chans = [3] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
+            self.stem = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
+        else:
+            chans = [3, w]
+            self.stem = nn.ModuleList([nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size)])
+        # Toy-scale deviation (README "Deviations"): a from-scratch ViT on a few thousand steps does not
+        # learn which blob "red" names if text meets pixels only inside the backbone. Letting the words
+        # FiLM-modulate the hidden stem channels (early fusion) fixes that; film_stem=False removes it.
+        self.film = nn.Embedding(n_words, 2 * sum(chans[1:-1])) if cfg.film_stem and len(chans) > 2 else None
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))  # learned 2-D positions, flattened
+        self.blocks = nn.ModuleList(Block(w, 4, w // 4) for _ in range(cfg.vit_layers))
+        self.norm = RMSNorm(w)
+        self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
+
+    def forward(self, image, text=None, text_valid=None):
+        """image uint8 (B, S, S, 3), text ids (B, Tt) -> image tokens (B, Ti, D)."""
+        x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        film = None
+        if self.film is not None:
+            m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): mean of the real words' embeddings
+            film = ((self.film(text) * m).sum(1) / m.sum(1).clamp(min=1)).split(
+                [2 * c.out_channels for c in self.stem[:-1]], dim=-1)
+        for i, conv in enumerate(self.stem):
+            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
+            if i < len(self.stem) - 1:
+                if film is not None:
+                    g, b = film[i].chunk(2, dim=-1)  # (B, C_i) each
+                    x = x * (1 + g[:, :, None, None]) + b[:, :, None, None]
+                x = F.gelu(x)
+        x = x.flatten(2).transpose(1, 2) + self.pos_emb  # (B, Ti, W)
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return self.proj(self.norm(x))  # (B, Ti, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Backbone (Gemma analog): decoder-only transformer over [prefix | suffix], prefix-LM mask
+# ------------------------------------------------------------------------------------------------
+
+
+def prefix_lm_mask(prefix_valid, n_suffix):
+    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix causal,
+    the prefix never sees the suffix; padded text keys are hidden.
+    e.g. 3 prefix + 2 suffix tokens (rows = queries):  1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1"""
+    B, Tp = prefix_valid.shape
+    i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
+    allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
+    key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_suffix)], 1)  # (B, T)
+    return (allowed[None] & key_valid[:, None, :]).unsqueeze(1)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied, as in Gemma
+
+    def forward(self, x, pos, mask, cache=None):
+        """x (B, T, D) embeddings, pos (T,) -> logits (B, T, V), per-layer [(k, v)] incl. the cache,
+        each (B, nh, Tpast + T, hs) with RoPE applied (what HF calls past_key_values)."""
+        kv = []
+        for i, blk in enumerate(self.blocks):
+            x, (k, v) = blk(x, pos, mask, None if cache is None else cache[i])
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            kv.append((k, v))
+        return self.lm_head(self.norm(x)), kv
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Action expert: a narrower transformer over the noisy action chunk, conditioned on tau
+# ------------------------------------------------------------------------------------------------
+
+
+class ActionExpert(nn.Module):
+    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's keys),
+    its own, narrower weights: pi0's mixture of transformers. Flow time enters through adaRMSNorm
+    (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not just the input."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.expert_width
+        self.in_proj = nn.Linear(cfg.action_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(w)
+        self.out_proj = nn.Linear(w, cfg.action_dim)
+
+    def time_embedding(self, tau):
+        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4 (as in openpi)."""
+        half = self.in_proj.out_features // 2
+        period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
+        ang = 2 * math.pi * tau[:, None].float() / period[None]
+        return torch.cat([ang.sin(), ang.cos()], -1)
+
+    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
+        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nh, Tp, hs), prefix_valid (B, Tp),
+        pos (H,) -> predicted velocity (B, H, A)."""
+        B, H, _ = x_tau.shape
+        x = self.in_proj(x_tau)  # (B, H, W)
+        cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
+        # expert queries see every valid prefix key and all H action tokens (bidirectional among themselves)
+        mask = torch.cat([prefix_valid, prefix_valid.new_ones(B, H)], 1)[:, None, None, :]  # (B, 1, 1, Tp + H)
+        for blk, kv in zip(self.blocks, prefix_kv):
+            x, _ = blk(x, pos, mask, past_kv=kv, cond=cond)
+        return self.out_proj(self.norm(x))  # (B, H, A)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. KIVLA: batches, the KI loss, flow sampling with a KV cache, and the AR FAST baseline
+# ------------------------------------------------------------------------------------------------
+
+BATCH_KEYS = """
+  image         uint8 (B, S, S, 3)   camera image, the only place block positions live
+  text          long  (B, Tt)        instruction (robot rows) or question (VQA rows), <pad>-filled
+  text_valid    bool  (B, Tt)        False at padding (hidden from attention)
+  state         long  (B, 2)         pusher (x, y) as state-bin token ids
+  suffix        long  (B, Ts)        backbone input after the prefix: "Action:" fast_tokens... or "Answer:" words...
+  suffix_target long  (B, Ts)        next-token targets for `suffix` (ends with "|")
+  suffix_loss   bool  (B, Ts)        which suffix targets get cross-entropy
+  actions       float (B, H, A)      clean action chunk (zeros on VQA rows)
+  has_actions   bool  (B,)           robot rows (get the flow loss) vs VQA rows
+"""
+
+
+class KIVLA(nn.Module):
+    __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
+
+    def __init__(self, cfg, fast_tokenizer):
+        super().__init__()
+        assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
+            f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
+            f"({cfg.action_horizon}, {cfg.action_dim})")
+        self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
+        self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
+        self.vit = ViT(cfg, self.vocab.state_offset)  # FiLM reads word ids only
+        self.backbone = Backbone(cfg, self.vocab.size)
+        self.action_expert = ActionExpert(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return {n: sum(p.numel() for p in getattr(self, n).parameters()) for n in ("vit", "backbone", "action_expert")}
+
+    @property
+    def device(self):
+        return self.backbone.embed.weight.device
+
+    # -- data -----------------------------------------------------------------------------------
+    def make_batch(self, observations, actions=None):
+        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors (see BATCH_KEYS).
+        An observation with an "answer" key is a VQA row: its answer (words, or a list of state-bin
+        ints) becomes the suffix and it gets no action loss."""
+        cfg, vocab = self.cfg, self.vocab
+        B, Tt, Ts = len(observations), cfg.text_len, cfg.suffix_len
+        if actions is not None:
+            actions = np.asarray(actions, dtype=np.float32)
+            if actions.shape != (B, cfg.action_horizon, cfg.action_dim):
+                raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), got {actions.shape}")
+        out = {"image": np.stack([o["image"] for o in observations]),
+               "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, 2), np.int64),
+               "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
+               "actions": np.zeros((B, cfg.action_horizon, cfg.action_dim), np.float32),
+               "has_actions": np.zeros(B, bool)}
+        if out["image"].shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(f"images must be ({cfg.image_size}, {cfg.image_size}, 3), got {out['image'].shape[1:]}")
+        for i, o in enumerate(observations):
+            words, _ = vocab.words(o["instruction"])
+            if len(words) > Tt:
+                raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: {o['instruction']!r}")
+            out["text"][i, :len(words)] = words
+            out["state"][i] = vocab.state(o["state"])
+            seq = []
+            if "answer" in o:  # VQA row: "Answer:" answer... "|"
+                ans = o["answer"]
+                ans = [vocab.state_offset + int(a) for a in ans] if isinstance(ans, (list, tuple)) else vocab.words(ans)[0]
+                seq = [vocab.answer] + ans + [vocab.eos]
+            elif actions is not None:
+                out["actions"][i], out["has_actions"][i] = actions[i], True
+                if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
+                    seq = [vocab.action] + [vocab.fast_offset + t for t in self.fast_tokenizer.encode(actions[i])] + [vocab.eos]
+            if seq:
+                out["suffix"][i, :len(seq) - 1] = seq[:-1]
+                out["suffix_target"][i, :len(seq) - 1] = seq[1:]
+        batch = {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
+        batch["text_valid"] = batch["text"] != vocab.pad
+        batch["suffix_loss"] = batch["suffix_target"] != vocab.pad
+        return batch
+
+    # -- the backbone boundary ------------------------------------------------------------------
+    def _prefix_embeddings(self, batch):
+        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
+        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
+        x = torch.cat([img, self.backbone.embed(batch["text"]), self.backbone.embed(batch["state"])], 1)
+        valid = torch.cat([torch.ones_like(batch["state"][:, :1]).bool().expand(-1, img.shape[1]),
+                           batch["text_valid"], torch.ones_like(batch["state"], dtype=torch.bool)], 1)
+        return x, valid
+
+    def backbone_prefix_kv(self, batch):
+        """THE interface between the VLM and the action expert (swap a real VLM in here).
+        Returns per-layer [(k, v)] over the prefix, each (B, n_head, Tp, head_dim) with RoPE applied at
+        positions 0..Tp-1, and prefix_valid (B, Tp). Any model that returns past_key_values with the
+        expert's layer count, head count and head size can sit behind it."""
+        x, valid = self._prefix_embeddings(batch)
+        _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device), prefix_lm_mask(valid, 0))
+        return kv, valid
+
+    def _expert(self, x_tau, tau, kv, prefix_valid):
+        Tp, H = prefix_valid.shape[1], x_tau.shape[1]
+        # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
+        # inference none do; numbering them after the FAST tokens would shift them between train and test
+        pos = torch.arange(Tp, Tp + H, device=x_tau.device)
+        return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
+
+    # -- training -------------------------------------------------------------------------------
+    def compute_loss(self, batch, noise=None, time=None):
+        """loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
+        noise (B, H, A) and time (B,) may be given (tests); otherwise sampled."""
+        cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
+        # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
+        x, prefix_valid = self._prefix_embeddings(batch)  # (B, Tp, D)
+        Tp, Ts = x.shape[1], batch["suffix"].shape[1]
+        x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
+        logits, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
+        # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone learns actions
+        m = batch["suffix_loss"]
+        ce = F.cross_entropy(logits[:, Tp:][m].float(), batch["suffix_target"][m]) if m.any() else x.new_zeros(())
+        flow = x.new_zeros(())
+        # 3) flow matching for the action expert on robot rows
+        r = batch["has_actions"]
+        if cfg.use_flow and r.any():
+            kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
+            if cfg.stop_gradient:
+                # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a stop-gradient.
+                # The forward pass is unchanged; the flow loss just cannot push gradients into the VLM.
+                kv = [(k.detach(), v.detach()) for k, v in kv]
+            actions = batch["actions"]  # (B, H, A)
+            if noise is None:
+                noise = torch.randn_like(actions)
+            if time is None:  # Beta(1.5, 1) on [0.001, 1]: more weight on noisy times (pi0)
+                time = torch.distributions.Beta(1.5, 1.0).sample((len(actions),)).to(x.device) * 0.999 + 0.001
+            noise, tau = noise.to(x.device), time.to(x.device)[:, None, None]  # tau (B, 1, 1)
+            x_tau = tau * noise + (1 - tau) * actions  # tau = 1 is pure noise, 0 the clean chunk
+            u = noise - actions  # target velocity d x_tau / d tau
+            v = self._expert(x_tau, tau[:, 0, 0], kv, prefix_valid)  # (B, H, A)
+            flow = ((v.float() - u) ** 2).mean((1, 2))[r].mean()
+        loss = ce + cfg.flow_weight * flow
+        return loss, {"loss": loss.item(), "ce_loss": ce.item(), "flow_loss": flow.item()}
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_actions(self, batch, num_steps=10, noise=None):
+        """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to tau=0
+        with num_steps Euler steps of the action expert alone. -> (B, H, A)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        kv, valid = self.backbone_prefix_kv(batch)
+        B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
+        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
+        dt = -1.0 / num_steps
+        for i in range(num_steps):
+            tau = torch.full((B,), 1.0 + i * dt, device=self.device)
+            x = x + dt * self._expert(x, tau, kv, valid).float()
+        return x
+
+    @torch.no_grad()
+    def generate_fast_actions(self, batch, max_tokens=None, use_cache=True):
+        """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens after
+        "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        vocab, dev = self.vocab, self.device
+        max_tokens = max_tokens or self.cfg.suffix_len
+        x, valid = self._prefix_embeddings(batch)
+        B, Tp = valid.shape
+        act = torch.full((B, 1), vocab.action, device=dev)
+        x = torch.cat([x, self.backbone.embed(act)], 1)  # (B, Tp + 1, D)
+        logits, cache = self.backbone(x, torch.arange(Tp + 1, device=dev), prefix_lm_mask(valid, 1))
+        out = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_tokens):
+            nxt = logits[:, -1].argmax(-1)  # (B,)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == vocab.eos
+            if done.all() or t == max_tokens - 1:
+                break
+            if use_cache:  # one new token attends to everything before it
+                T = Tp + 1 + out.shape[1]
+                mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
+                logits, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.tensor([T - 1], device=dev),
+                                              mask, cache)
+            else:  # recompute the whole sequence: the reference the cache must match
+                seq = torch.cat([act, out], 1)
+                xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
+                logits, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
+        return self._decode_fast(out)
+
+    def _decode_fast(self, tokens):
+        acts, oks = [], []
+        for row in tokens.tolist():
+            ended = self.vocab.eos in row  # no "|" within max_tokens: malformed
+            row = row[:row.index(self.vocab.eos)] if ended else row
+            ids = [t - self.vocab.fast_offset if t >= self.vocab.fast_offset else -1 for t in row]  # words -> invalid
+            a, ok = self.fast_tokenizer.decode(ids, return_valid=True)
+            acts.append(a)
+            oks.append(ok and ended)
+        return torch.from_numpy(np.stack(acts)), torch.tensor(oks)
+
+    @torch.no_grad()
+    def predict_actions(self, batch, num_steps=10):
+        """The variant's own inference: AR FAST decoding for `fast`, flow sampling for the others."""
+        if self.cfg.variant == "fast":
+            return self.generate_fast_actions(batch)[0]
+        return self.sample_actions(batch, num_steps)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, path, **extra):
+        torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
+                    "fast_tokenizer": self.fast_tokenizer.state_dict(), **extra}, path)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", **overrides):
+        """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True)."""
+        ck = torch.load(path, map_location=device, weights_only=True)
+        model = cls(Config(**{**ck["config"], **overrides}), FASTTokenizer.from_state_dict(ck["fast_tokenizer"]))
+        model.load_state_dict(ck["model"])
+        return model.to(device).eval()
