@@ -1,0 +1,450 @@
+"""Tests for kivla: tokenizer, environment, model properties (insulation, masking, caches), training script.
+Tiny dimensions, CPU only, no network; the whole file runs in well under a minute."""
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+import kivla
+import train_toy
+
+# ------------------------------------------------------------------------------------------------
+# FAST tokenizer
+
+
+def smooth_chunks(n, H=10, D=2, seed=0):
+    """Random smooth chunks in [-1, 1]: sums of a few low-frequency cosines, sinusoids and steps."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, H)[:, None]
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            x = sum(rng.uniform(-0.4, 0.4, D) * np.cos(np.pi * k * t + rng.uniform(0, 6, D)) for k in range(3))
+        elif kind == 1:
+            x = 0.9 * np.sin(2 * np.pi * rng.uniform(0.2, 2, D) * t + rng.uniform(0, 6, D))
+        else:
+            x = np.where(t < rng.uniform(0, 1, D), rng.uniform(-1, 1, D), rng.uniform(-1, 1, D))
+        out.append(np.clip(x, -1, 1))
+    return np.array(out, np.float32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return kivla.FASTTokenizer(scale=10.0, vocab_size=256).fit(smooth_chunks(600))
+
+
+def test_dct_matrix_is_orthonormal_and_constant_signal_has_only_dc():
+    """DCT-II ortho of a constant c over H samples: coef_0 = c * sqrt(H), every other coef 0."""
+    C = kivla.dct_matrix(10)
+    assert np.allclose(C @ C.T, np.eye(10), atol=1e-12)
+    coef = C @ np.full(10, 0.5)
+    assert coef[0] == pytest.approx(0.5 * math.sqrt(10)) and np.allclose(coef[1:], 0, atol=1e-12)
+
+
+def test_round_trip_error_bound(tok):
+    chunks = smooth_chunks(300, seed=1)
+    for x in chunks:
+        ids = tok.encode(x)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        rms = np.sqrt(np.mean((tok.decode(ids) - x) ** 2))
+        assert rms <= 0.5 / tok.scale + 1e-6
+
+
+def test_extreme_chunks_are_not_clamped(tok):
+    """All +1 puts the DC coefficient at scale*sqrt(H), the edge of the alphabet: still exact."""
+    for x in [np.ones((10, 2)), -np.ones((10, 2)), np.tile([[1.0], [-1.0]], (5, 2))]:
+        assert np.sqrt(np.mean((tok.decode(tok.encode(x)) - x) ** 2)) <= 0.5 / tok.scale + 1e-6
+
+
+def test_out_of_range_inputs_are_clipped(tok):
+    x = smooth_chunks(1, seed=2)[0]
+    big = x * 3.0
+    assert tok.encode(big) == tok.encode(np.clip(big, -1, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        tok.encode(np.full((10, 2), np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        tok.encode(np.zeros((9, 2)))
+
+
+def test_symbols_are_low_frequency_first(tok):
+    """Dim 0 constant 0.5, dim 1 zero: symbols = [dc0, dc1, f1_d0, f1_d1, ...] = [M+16, M, M, M, ...]."""
+    x = np.zeros((10, 2))
+    x[:, 0] = 0.5
+    syms = tok._symbols(x)
+    M = tok.M
+    assert syms[0] == M + round(10 * 0.5 * math.sqrt(10)) and syms[1:] == [M] * 19
+    x = np.zeros((10, 2))
+    x[:, 1] = np.cos(np.pi * (np.arange(10) + 0.5) / 10)  # pure frequency 1 in dim 1
+    syms = np.array(tok._symbols(x)) - M
+    assert np.flatnonzero(syms).tolist() == [3]  # index = freq * D + dim = 1 * 2 + 1
+
+
+def test_decode_never_raises_on_garbage(tok):
+    rng = np.random.default_rng(0)
+    cases = [[], [10**9], [-5, 3], list(rng.integers(-1000, 1000, 50)), [0] * 100, ["a", None, 3.5]]
+    for ids in cases:
+        out, valid = tok.decode(ids, return_valid=True)
+        assert out.shape == (10, 2) and out.dtype == np.float32 and np.all(np.isfinite(out))
+        assert not valid
+    out, valid = tok.decode(tok.encode(smooth_chunks(1)[0]), return_valid=True)
+    assert valid
+
+
+def test_state_dict_round_trip_and_fit_is_deterministic(tok):
+    tok2 = kivla.FASTTokenizer.from_state_dict(tok.state_dict())
+    tok3 = kivla.FASTTokenizer(scale=10.0, vocab_size=256).fit(smooth_chunks(600))
+    assert tok3.merges == tok.merges
+    for x in smooth_chunks(20, seed=5):
+        assert tok2.encode(x) == tok.encode(x)
+        assert np.array_equal(tok2.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+
+
+def test_bpe_compresses_and_merges_runs_correctly():
+    """A run 'aaa' merges into [aa, a] (left to right), both in fit and encode."""
+    arr = np.array([5, 5, 5, -1, 5, 5, -1])
+    assert kivla.FASTTokenizer._merge_array(arr, 5, 5, 99).tolist() == [99, 5, -1, 99, -1]
+    assert kivla._merge_pair([5, 5, 5], (5, 5), 99) == [99, 5]
+    t = kivla.FASTTokenizer(vocab_size=512).fit(smooth_chunks(600))
+    assert np.mean([len(t.encode(x)) for x in smooth_chunks(100, seed=9)]) < 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Toy environment and scripted expert
+
+
+def rollout(env, seed, actions):
+    obs, _ = env.reset(seed=seed)
+    out = [obs["image"].copy()]
+    for a in actions:
+        obs, r, term, trunc, info = env.step(a)
+        out.append((obs["image"].copy(), obs["state"].copy(), r, term, trunc))
+    return out
+
+
+def test_env_determinism_and_spaces():
+    env = gymnasium.make("kivla/Push-v0")
+    acts = np.random.default_rng(0).uniform(-1, 1, (30, 2))
+    a, b = rollout(env, 7, acts), rollout(env, 7, acts)
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a[1:], b[1:])) and np.array_equal(a[0], b[0])
+    assert not np.array_equal(rollout(env, 8, acts)[0], a[0])
+    obs, info = env.reset(seed=1)
+    assert env.observation_space.contains(obs) and "success" in info
+    assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
+    assert obs["instruction"].startswith("push the ")
+
+
+def test_check_env_passes_without_warnings():
+    from gymnasium.utils.env_checker import check_env
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        check_env(gymnasium.make("kivla/Push-v0").unwrapped)
+    assert not [str(x.message) for x in w]
+
+
+def test_expert_success_rate():
+    env = kivla.PushEnv(tasks="all")
+    ok = 0
+    for seed in range(60):
+        env.reset(seed=10_000 + seed)
+        while True:
+            _, _, term, trunc, info = env.step(kivla.expert_action(env))
+            if term or trunc:
+                break
+        ok += info["success"]
+    assert ok / 60 >= 0.98
+
+
+def test_bad_actions_and_clipping():
+    env = kivla.PushEnv()
+    env.reset(seed=0)
+    for bad in ([np.nan, 0], [0, np.inf], [1, 2, 3]):
+        with pytest.raises(ValueError, match="finite"):
+            env.step(np.array(bad, dtype=np.float64))
+    a = rollout(kivla.PushEnv(), 3, [[5.0, -7.0]] * 5)
+    b = rollout(kivla.PushEnv(), 3, [[1.0, -1.0]] * 5)
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a[1:], b[1:]))
+
+
+def test_success_detection_and_truncation():
+    env = kivla.PushEnv(max_episode_steps=3)
+    env.reset(seed=0)
+    env.blocks[0] = env.goal + [0.01, 0.0]
+    _, r, term, trunc, info = env.step([0.0, 0.0])
+    assert term and info["success"] and not trunc and r > -0.06
+    env.reset(seed=0)
+    env.blocks[0] = np.array([0.5, 0.5])
+    env.pusher = np.array([0.9, 0.1])
+    results = [env.step([0.0, 0.0]) for _ in range(3)]
+    assert [x[3] for x in results] == [False, False, True] and not any(x[2] for x in results)
+
+
+def test_heldout_tasks_are_disjoint_and_cover_every_word():
+    assert not set(kivla.HELDOUT_TASKS) & set(kivla.TRAIN_TASKS)
+    assert {c for c, _ in kivla.TRAIN_TASKS} == set(kivla.COLORS) and {k for _, k in kivla.TRAIN_TASKS} == set(kivla.CORNERS)
+    env = kivla.PushEnv(tasks="heldout")
+    for s in range(20):
+        env.reset(seed=s)
+        assert (env.color, env.corner) in kivla.HELDOUT_TASKS
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+TINY = dict(d_model=32, n_layer=2, n_head=2, head_dim=8, expert_width=16, vit_width=16, vit_layers=1)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    obs, chunks, tasks, _ = train_toy.collect_demos(6, 10, 0.3, seed=0)
+    tok = kivla.FASTTokenizer(vocab_size=256).fit(chunks)
+    vqa = train_toy.make_vqa_set(4, seed=0)
+    return obs[:6] + vqa, np.concatenate([chunks[:6], np.zeros((4, 10, 2), np.float32)]), tok
+
+
+def tiny(tok, variant="ki", seed=0, **kw):
+    torch.manual_seed(seed)
+    return kivla.KIVLA(kivla.Config(variant=variant, **{**TINY, **kw}), tok)
+
+
+def fixed(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch["actions"].shape, generator=g), torch.rand(len(batch["actions"]), generator=g)
+
+
+def flow_only_grads(model, batch):
+    """Gradient of the flow loss alone: run with a CE that cannot backprop (suffix_loss all False)."""
+    b = dict(batch, suffix_loss=torch.zeros_like(batch["suffix_loss"]))
+    model.zero_grad()
+    loss, m = model.compute_loss(b, *fixed(batch))
+    assert m["ce_loss"] == 0 and m["flow_loss"] > 0
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def ce_only_grads(model, batch):
+    model.zero_grad()
+    model.cfg.flow_weight = 0.0
+    loss, m = model.compute_loss(batch, *fixed(batch))
+    model.cfg.flow_weight = 1.0
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def is_zero(g):
+    return g is None or not g.any()
+
+
+def test_knowledge_insulation_blocks_flow_gradients(demo):
+    obs, chunks, tok = demo
+    ki = tiny(tok, "ki")
+    batch = ki.make_batch(obs, chunks)
+    g = flow_only_grads(ki, batch)
+    assert all(is_zero(v) for n, v in g.items() if n.startswith(("vit.", "backbone."))), "flow leaked into the VLM"
+    assert any(not is_zero(v) for n, v in g.items() if n.startswith("action_expert."))
+    joint = tiny(tok, "joint")
+    g = flow_only_grads(joint, batch)
+    assert all(not is_zero(v) for n, v in g.items() if n.startswith("vit.")), "joint: every ViT weight feeds the expert"
+    for i in range(TINY["n_layer"]):  # every layer's keys/values feed the expert
+        assert not is_zero(g[f"backbone.blocks.{i}.qkv.weight"])
+
+
+def test_ce_loss_never_reaches_the_action_expert(demo):
+    obs, chunks, tok = demo
+    for variant in ("ki", "joint"):
+        m = tiny(tok, variant)
+        g = ce_only_grads(m, m.make_batch(obs, chunks))
+        assert all(is_zero(v) for n, v in g.items() if n.startswith("action_expert."))
+        assert not is_zero(g["backbone.embed.weight"])
+
+
+def test_flow_ignores_fast_tokens_and_backbone_ignores_the_expert(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "ki").eval()
+    batch = m.make_batch(obs, chunks)
+    noise, time = fixed(batch)
+    _, a = m.compute_loss(batch, noise, time)
+    scrambled = batch["suffix"].clone()
+    fast = scrambled >= m.vocab.fast_offset
+    scrambled[fast] = m.vocab.fast_offset + (scrambled[fast] * 7 + 3) % tok.vocab_size
+    _, b = m.compute_loss(dict(batch, suffix=scrambled), noise, time)
+    assert b["flow_loss"] == a["flow_loss"] and b["ce_loss"] != a["ce_loss"]
+    # actions (the expert's input) and noise change -> the backbone's CE is bit-identical
+    _, c = m.compute_loss(dict(batch, actions=torch.randn_like(batch["actions"])), torch.randn_like(noise), time * 0.5)
+    assert c["ce_loss"] == a["ce_loss"] and c["flow_loss"] != a["flow_loss"]
+
+
+def test_expert_positions_do_not_depend_on_fast_tokens(demo):
+    """The same weights as `pi0` (no FAST tokens in the sequence at all) give the same flow loss."""
+    obs, chunks, tok = demo
+    ki = tiny(tok, "ki").eval()
+    pi0 = tiny(tok, "pi0").eval()
+    pi0.load_state_dict(ki.state_dict())
+    b_ki, b_pi0 = ki.make_batch(obs, chunks), pi0.make_batch(obs, chunks)
+    assert (b_ki["suffix"] >= ki.vocab.fast_offset).any()
+    assert not (b_pi0["suffix"] >= pi0.vocab.fast_offset).any(), "pi0 batches carry no FAST tokens"
+    noise, time = fixed(b_ki)
+    assert torch.allclose(torch.tensor(ki.compute_loss(b_ki, noise, time)[1]["flow_loss"]),
+                          torch.tensor(pi0.compute_loss(b_pi0, noise, time)[1]["flow_loss"]), rtol=1e-5)
+
+
+def test_attention_mask_prefix_bidirectional_suffix_causal(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "ki").eval()
+    batch = m.make_batch(obs[:2], chunks[:2])
+    mask = kivla.prefix_lm_mask(torch.tensor([[True, True, True]]), 2)[0, 0].int().tolist()
+    assert mask == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+    def logits(b):
+        x, valid = m._prefix_embeddings(b)
+        Tp, Ts = x.shape[1], b["suffix"].shape[1]
+        x = torch.cat([x, m.backbone.embed(b["suffix"])], 1)
+        return m.backbone(x, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))[0], Tp
+
+    base, Tp = logits(batch)
+    state = batch["state"].clone()
+    state[:, 1] = m.vocab.state_offset + (state[:, 1] - m.vocab.state_offset + 50) % 256
+    other, _ = logits(dict(batch, state=state))
+    assert not torch.allclose(base[:, 0], other[:, 0]), "the first prefix token must see the last (bidirectional)"
+    suffix = batch["suffix"].clone()
+    suffix[:, 3] = m.vocab.fast_offset + 1
+    other, _ = logits(dict(batch, suffix=suffix))
+    assert torch.equal(base[:, :Tp + 3], other[:, :Tp + 3]), "FAST tokens are causal"
+    assert not torch.equal(base[:, Tp + 3:], other[:, Tp + 3:])
+
+
+def test_kv_cached_flow_sampling_equals_recomputation(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "ki").eval()
+    batch = m.make_batch(obs, chunks)
+    noise = torch.randn(len(obs), 10, 2)
+    cached = m.sample_actions(batch, num_steps=5, noise=noise)
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(5):  # no cache: re-run the whole backbone, suffix included, at every step
+            xe, valid = m._prefix_embeddings(batch)
+            Tp, Ts = xe.shape[1], batch["suffix"].shape[1]
+            xe = torch.cat([xe, m.backbone.embed(batch["suffix"])], 1)
+            _, kv = m.backbone(xe, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))
+            kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]
+            x = x - 0.2 * m._expert(x, torch.full((len(obs),), 1 - 0.2 * i), kv, valid)
+    assert cached.shape == (len(obs), 10, 2) and cached.dtype == torch.float32
+    assert torch.allclose(cached, x, atol=1e-5)
+
+
+def test_ar_decoding_with_cache_equals_without(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "fast").eval()
+    batch = m.make_batch(obs)
+    with torch.no_grad():  # bias the model towards FAST ids so decoding runs many steps
+        m.backbone.embed.weight[:m.vocab.fast_offset] *= 0.1
+    a, va = m.generate_fast_actions(batch, max_tokens=8, use_cache=True)
+    b, vb = m.generate_fast_actions(batch, max_tokens=8, use_cache=False)
+    assert a.shape == (len(obs), 10, 2) and va.dtype == torch.bool
+    assert torch.allclose(a, b, atol=1e-6) and torch.equal(va, vb)
+
+
+def test_variants_losses(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "fast")
+    loss, metrics = m.compute_loss(m.make_batch(obs, chunks))
+    assert metrics["flow_loss"] == 0 and metrics["ce_loss"] > 0
+    loss.backward()
+    assert all(is_zero(p.grad) for p in m.action_expert.parameters())
+    m = tiny(tok, "pi0")
+    _, metrics = m.compute_loss(m.make_batch(obs[:6], chunks[:6]))  # robot rows only: no CE at all
+    assert metrics["ce_loss"] == 0 and metrics["flow_loss"] > 0
+    m = tiny(tok, "ki", flow_weight=0.0)
+    loss, metrics = m.compute_loss(m.make_batch(obs, chunks))
+    assert loss.item() == pytest.approx(metrics["ce_loss"]) and metrics["flow_loss"] > 0
+
+
+def test_make_batch_shapes_and_errors(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok)
+    b = m.make_batch(obs, chunks)
+    B, cfg = len(obs), m.cfg
+    assert b["image"].shape == (B, 64, 64, 3) and b["image"].dtype == torch.uint8
+    assert b["text"].shape == (B, cfg.text_len) and b["suffix"].shape == (B, cfg.suffix_len)
+    assert b["has_actions"].tolist() == [True] * 6 + [False] * 4
+    assert (b["suffix"][:6, 0] == m.vocab.action).all() and (b["suffix"][6:, 0] == m.vocab.answer).all()
+    with pytest.raises(ValueError, match="actions must be"):
+        m.make_batch(obs, chunks[:, :5])
+    with pytest.raises(ValueError, match="text_len"):
+        m.make_batch([dict(obs[0], instruction="push " * 20)])
+    ids, unknown = m.vocab.words("push the magenta block")
+    assert unknown == ["magenta"] and ids[2] == m.vocab.unk
+    with pytest.raises(ValueError, match="variant"):
+        kivla.Config(variant="bogus")
+
+
+def test_overfit_a_handful_of_samples(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "ki")
+    batch = m.make_batch(obs, chunks)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    noise, time = fixed(batch)
+    first = m.compute_loss(batch, noise, time)[1]
+    for step in range(200):
+        loss, _ = m.compute_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = m.compute_loss(batch, noise, time)[1]
+    assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 4
+
+
+def test_checkpoint_round_trip(demo, tmp_path):
+    obs, chunks, tok = demo
+    m = tiny(tok).eval()
+    m.save(tmp_path / "ck.pt")
+    m2 = kivla.KIVLA.from_checkpoint(tmp_path / "ck.pt")
+    batch = m.make_batch(obs)
+    noise = torch.randn(len(obs), 10, 2)
+    assert torch.equal(m.sample_actions(batch, noise=noise), m2.sample_actions(batch, noise=noise))
+    assert m2.fast_tokenizer.merges == tok.merges
+
+
+# ------------------------------------------------------------------------------------------------
+# train_toy.py
+
+TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--train_steps=6", "--eval_episodes=4",
+            "--eval_interval=3", "--gif_episodes=1", "--batch_size=8", "--d_model=32", "--n_layer=2", "--n_head=2",
+            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1"]
+
+
+def test_quick_pipeline_is_deterministic_and_checkpoint_reloads(tmp_path):
+    a = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'a'}"])
+    b = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'b'}"])
+    timing = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "wall_time_s")
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    for f in ("ckpt.pt", "pretrained.pt", "metrics.json", "curves.png", "rollouts.gif"):
+        assert (tmp_path / "a" / f).stat().st_size > 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["success"] == a["success"]
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    m = kivla.KIVLA(kivla.Config(**ck["config"]), kivla.FASTTokenizer.from_state_dict(ck["fast_tokenizer"]))
+    m.load_state_dict(ck["model"])
+    m2 = kivla.KIVLA.from_checkpoint(tmp_path / "a" / "ckpt.pt")
+    batch = m.make_batch([kivla.PushEnv().reset(seed=0)[0]])
+    noise = torch.randn(1, 10, 2)
+    assert torch.equal(m.eval().sample_actions(batch, noise=noise), m2.sample_actions(batch, noise=noise))
+
+
+def test_demos_never_contain_heldout_combinations():
+    _, chunks, tasks, rate = train_toy.collect_demos(30, 10, 0.3, seed=0)
+    assert not set(tasks) & set(kivla.HELDOUT_TASKS) and rate >= 0.95
+    assert np.abs(chunks).max() <= 1.0
+
+
+@pytest.mark.parametrize("arg,msg", [("--no_such_key=3", "no_such_key"), ("--variant=bogus", "variant"),
+                                     ("--batch_size=abc", "batch_size"), ("--quick=maybe", "quick")])
+def test_bad_cli_input(arg, msg, tmp_path):
+    r = subprocess.run([sys.executable, "train_toy.py", arg, f"--out_dir={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,465 @@
+"""
+train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
+
+  1. demonstrations from the scripted expert (noisy execution, clean labels)
+  2. fit the FAST tokenizer on the demo action chunks
+  3. toy "VLM pretraining": VQA about random scenes (the knowledge a real VLM would bring)
+  4. robot training with knowledge insulation, co-trained with VQA
+  5. closed-loop evaluation: in-distribution and held-out instruction combinations, VQA retention
+  6. outputs in --out_dir: ckpt.pt, pretrained.pt, metrics.json, curves.png, rollouts.gif
+
+  python train_toy.py                                  # default run (see README for time and numbers)
+  python train_toy.py --quick                          # the whole pipeline in about a minute
+  python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
+  python train_toy.py --compare --init_from=out/pretrained.pt    # all four variants, one table
+  python train_toy.py --eval_only --init_from=out/ckpt.pt --instruction="push the blue block to the top right corner"
+"""
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import kivla
+
+# ------------------------------------------------------------------------------------------------
+# settings: every one (and every kivla.Config field) can be overridden as --key=value
+SETTINGS = dict(
+    out_dir="out",          # where checkpoints, metrics and pictures go
+    seed=0,
+    device="auto",          # auto | cpu | cuda | mps
+    quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
+    compare=False,          # train every variant (ki, joint, pi0, fast) from the same pretraining, one table
+    eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
+    init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
+    instruction="",         # --eval_only: run this instruction instead of the env's own
+    n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
+    demo_noise=0.3,         # std of the noise added to executed expert actions (labels stay clean)
+    n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
+    pretrain_steps=1500,    # toy VLM pretraining steps (VQA only)
+    train_steps=5000,       # robot training steps
+    batch_size=64,
+    vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
+    lr=1.5e-3,
+    min_lr_frac=0.05,       # cosine decays to lr * min_lr_frac
+    warmup_steps=200,
+    weight_decay=0.01,
+    grad_clip=1.0,
+    ema=0.998,              # EMA of the weights, used for evaluation
+    eval_interval=1000,     # steps between quick evaluations (for the curve)
+    eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
+    replan=5,               # execute the first `replan` of H actions, then re-plan
+    num_steps=10,           # Euler steps of the flow at inference
+    gif_episodes=4,
+)
+QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
+             eval_episodes=16, gif_episodes=2, warmup_steps=10)
+EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED = 1_000_000, 2_000_000, 3_000_000  # never used for training data
+
+
+def parse_args(argv):
+    """nanoGPT-style --key=value over SETTINGS and kivla.Config. -> (settings dict, Config)."""
+    cfg_fields = {f.name: f for f in fields(kivla.Config)}
+    defaults = {**{k: f.default for k, f in cfg_fields.items()}, **SETTINGS}
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\nsettings (default):")
+        for k, v in defaults.items():
+            print(f"  --{k}={v}")
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: expected --key=value, got {arg!r} (see --help)")
+        key, eq, val = arg[2:].partition("=")
+        if key not in defaults:
+            raise SystemExit(f"error: unknown setting {key!r}; valid: {', '.join(defaults)}")
+        given[key] = _cast(key, val if eq else "true", defaults[key])
+    s = {**SETTINGS, **(QUICK if given.get("quick") else {}), **{k: v for k, v in given.items() if k in SETTINGS}}
+    try:
+        cfg = kivla.Config(**{k: v for k, v in given.items() if k in cfg_fields})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return s, cfg
+
+
+def _cast(key, val, default):
+    try:
+        if isinstance(default, bool):
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return val.lower() in ("true", "1")
+        return type(default)(val)
+    except ValueError:
+        raise SystemExit(f"error: --{key}={val!r} is not a valid {type(default).__name__} (default: {default!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1) demonstrations and VQA data
+
+
+def collect_demos(n, H, noise, seed):
+    """Expert rollouts on the training tasks -> observations, (N, H, A) clean action chunks, task per sample.
+    A chunk that runs past the episode's end is padded with zeros: after success the pusher stays put."""
+    env, rng = kivla.PushEnv(tasks="train"), np.random.default_rng(seed)
+    obs_all, chunks, tasks, success = [], [], [], 0
+    for ep in tqdm(range(n), desc="demos", leave=False):
+        obs, _ = env.reset(seed=seed + ep)
+        episode, acts = [], []
+        while True:
+            a = kivla.expert_action(env)
+            episode.append(obs)
+            acts.append(a)
+            obs, _, term, trunc, info = env.step(np.clip(a + noise * rng.standard_normal(2), -1, 1))  # DART
+            if term or trunc:
+                break
+        success += info["success"]
+        acts = np.concatenate([np.array(acts), np.zeros((H, 2), np.float32)])
+        for t, o in enumerate(episode):
+            obs_all.append(o)
+            chunks.append(acts[t:t + H])
+            tasks.append((env.color, env.corner))
+    return obs_all, np.array(chunks, np.float32), tasks, success / n
+
+
+def make_vqa_set(n, seed):
+    """n (question, answer) observations about varied scenes: random resets, then a few random-length
+    expert pushes so blocks also sit near corners and walls."""
+    env, rng, out = kivla.PushEnv(tasks="all"), np.random.default_rng(seed), []
+    while len(out) < n:
+        obs, _ = env.reset(seed=int(rng.integers(2**31)))
+        for _ in range(int(rng.integers(0, 40))):
+            obs, _, term, trunc, _ = env.step(kivla.expert_action(env, noise=0.5, rng=rng))
+            if term or trunc:
+                break
+        for _ in range(4):  # several questions per scene
+            q, a = kivla.make_vqa(env, rng)
+            out.append({**obs, "instruction": q, "answer": a})
+    return out[:n]
+
+
+def index(batch, idx):
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def cat(*batches):
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# 2) evaluation
+
+
+@torch.no_grad()
+def vqa_accuracy(model, vqa_batch, bs=500):
+    """Exact match of every answer token under teacher forcing (= greedy decoding's exact match)."""
+    model.eval()
+    right = []
+    for i in range(0, len(vqa_batch["text"]), bs):
+        b = {k: v.to(model.device) for k, v in index(vqa_batch, slice(i, i + bs)).items()}
+        x, valid = model._prefix_embeddings(b)
+        Tp, Ts = x.shape[1], b["suffix"].shape[1]
+        x = torch.cat([x, model.backbone.embed(b["suffix"])], 1)
+        logits, _ = model.backbone(x, torch.arange(Tp + Ts, device=x.device), kivla.prefix_lm_mask(valid, Ts))
+        ok = (logits[:, Tp:].argmax(-1) == b["suffix_target"]) | ~b["suffix_loss"]
+        right.append(ok.all(1).cpu())
+    return torch.cat(right).float().mean().item()
+
+
+@torch.no_grad()
+def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0):
+    """Closed-loop episodes, all envs in lockstep so each model call is batched.
+    -> success per episode, seconds per action chunk, frames of the first `record` episodes."""
+    model.eval()
+    envs = [kivla.PushEnv(tasks=tasks, render_mode="rgb_array") for _ in seeds]
+    obs = [e.reset(seed=s)[0] for e, s in zip(envs, seeds)]
+    if instruction:
+        for e, o in zip(envs, obs):
+            o["instruction"] = instruction
+    done, success = [False] * len(envs), [False] * len(envs)
+    frames = [[e.render()] for e in envs[:record]]
+    chunk_time, chunks = 0.0, 0
+    while not all(done):
+        live = [i for i in range(len(envs)) if not done[i]]
+        t0 = time.perf_counter()
+        actions = model.predict_actions(model.make_batch([obs[i] for i in live]), num_steps).cpu().numpy()
+        chunk_time, chunks = chunk_time + time.perf_counter() - t0, chunks + 1
+        for j, i in enumerate(live):
+            for a in actions[j, :replan]:
+                o, _, term, trunc, info = envs[i].step(a)
+                obs[i] = {**o, "instruction": instruction} if instruction else o
+                if i < record:
+                    frames[i].append(envs[i].render())
+                if term or trunc:
+                    done[i], success[i] = True, info["success"]
+                    break
+    for i in range(record):
+        frames[i] = (frames[i], envs[i].instruction if not instruction else instruction, success[i])
+    return np.array(success), chunk_time / max(chunks, 1), frames[:record]
+
+
+def expert_success(seeds):
+    """The scripted expert's (noise-free) success rate on the evaluation seeds, for comparison."""
+    env, ok = kivla.PushEnv(tasks="train"), []
+    for seed in seeds:
+        env.reset(seed=seed)
+        while True:
+            _, _, term, trunc, info = env.step(kivla.expert_action(env))
+            if term or trunc:
+                break
+        ok.append(info["success"])
+    return float(np.mean(ok))
+
+
+def latency(model, obs, num_steps, reps=20):
+    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding)."""
+    b = model.make_batch([obs])
+    model.predict_actions(b, num_steps)  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model.predict_actions(b, num_steps)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3) pictures: training curves (pillow, no matplotlib) and an annotated rollout GIF
+
+
+def draw_curves(history, path, size=(720, 300)):
+    img = Image.new("RGB", size, "white")
+    dr = ImageDraw.Draw(img)
+    W, H, pad = size[0] // 2, size[1], 30
+    panels = [("loss (log)", [("ce_loss", (200, 60, 40)), ("flow_loss", (40, 90, 200))], True),
+              ("success", [("success", (30, 150, 60))], False)]
+    steps = [h["step"] for h in history["train"]] or [0]
+    for p, (title, series, log) in enumerate(panels):
+        x0 = p * W
+        dr.rectangle([x0 + pad, pad, x0 + W - 10, H - pad], outline=(120, 120, 120))
+        dr.text((x0 + pad, 8), title, fill="black")
+        rows = history["train"] if p == 0 else history["eval"]
+        xmax = max(steps[-1], 1)
+        for key, color in series:
+            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0 or (not log and key in r)]
+            if not pts:
+                continue
+            ys = [math.log10(max(v, 1e-4)) if log else v for _, v in pts]
+            lo, hi = (min(ys), max(ys)) if log else (0.0, 1.0)
+            hi = hi if hi > lo else lo + 1
+            xy = [(x0 + pad + (s / xmax) * (W - pad - 10), H - pad - (y - lo) / (hi - lo) * (H - 2 * pad))
+                  for (s, _), y in zip(pts, ys)]
+            dr.line(xy, fill=color, width=2) if len(xy) > 1 else dr.ellipse([*xy[0], xy[0][0] + 4, xy[0][1] + 4], fill=color)
+            dr.text((xy[-1][0] - 60, xy[-1][1] - 12), key, fill=color)
+        dr.text((x0 + W - 60, H - pad + 5), f"step {xmax}", fill="black")
+    img.save(path)
+
+
+def write_gif(episodes, path):
+    frames = []
+    for ep_frames, instruction, success in episodes:
+        for t, f in enumerate(ep_frames):
+            img = Image.fromarray(f).convert("RGB")
+            dr = ImageDraw.Draw(img)
+            dr.rectangle([0, 0, img.width, 14], fill="white")
+            dr.text((3, 2), instruction, fill="black")
+            if t == len(ep_frames) - 1:
+                dr.text((3, img.height - 14), "SUCCESS" if success else "failed", fill=(0, 140, 0) if success else (200, 0, 0))
+            frames.append(img)
+        frames.extend([frames[-1]] * 5)  # hold the last frame
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4) training
+
+
+def lr_at(step, s):
+    """1) linear warmup, 2) cosine decay to lr * min_lr_frac."""
+    if step < s["warmup_steps"]:
+        return s["lr"] * (step + 1) / s["warmup_steps"]
+    frac = (step - s["warmup_steps"]) / max(1, s["total"] - s["warmup_steps"])
+    return s["lr"] * (s["min_lr_frac"] + (1 - s["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
+    """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: batches (dicts of tensors) to sample from.
+    Returns the EMA model (used for evaluation)."""
+    dev, g = model.device, torch.Generator().manual_seed(s["seed"])
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s["lr"], betas=(0.9, 0.95))
+    ema = copy.deepcopy(model).eval()
+    n_vqa = round(s["batch_size"] * vqa_frac) if robot is not None else s["batch_size"]
+    n_rob = s["batch_size"] - n_vqa
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    for step in bar:
+        parts = [index(robot, torch.randint(len(robot["text"]), (n_rob,), generator=g))] if n_rob else []
+        parts += [index(vqa, torch.randint(len(vqa["text"]), (n_vqa,), generator=g))] if n_vqa else []
+        batch = {k: v.to(dev, non_blocking=True) for k, v in cat(*parts).items()}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, {**s, "total": steps})
+        model.train()
+        with torch.autocast(**amp):
+            loss, m = model.compute_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+        opt.step()
+        with torch.no_grad():
+            d = min(s["ema"], (1 + step) / (10 + step))  # short warm-up of the EMA itself
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - d)
+        if step % 10 == 0:
+            bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
+            if history is not None:
+                history["train"].append({"step": step, **m})
+        if curve is not None and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
+            rate = curve(ema, step + 1)
+            tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {rate:.2f}")
+    return ema
+
+
+# ------------------------------------------------------------------------------------------------
+# 5) the main job
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    return name
+
+
+def run_variant(s, cfg, tok, robot, vqa, vqa_eval, init, vqa_before, t_start, tag=""):
+    """Robot training of one variant from the pretrained VLM weights, then the full evaluation."""
+    torch.manual_seed(s["seed"])
+    model = kivla.KIVLA(cfg, tok).to(s["device"])
+    model.load_state_dict(init)
+    history = {"train": [], "eval": []}
+    n_curve = min(50, s["eval_episodes"])
+
+    def curve(ema, step):
+        torch.manual_seed(s["seed"])
+        ok, _, _ = rollouts(ema, "train", range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
+        history["eval"].append({"step": step, "success": float(ok.mean())})
+        return ok.mean()
+
+    t0 = time.time()
+    ema = train(model, s, robot, vqa, s["train_steps"], s["vqa_frac"], f"train {cfg.variant}", curve, history)
+    train_time = time.time() - t0
+    torch.manual_seed(s["seed"])
+    seeds = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"])
+    ok_in, chunk_s, episodes = rollouts(ema, "train", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
+    ok_out, _, more = rollouts(ema, "heldout", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
+    ema.cpu()
+    metrics = {
+        "variant": cfg.variant, "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
+        "eval_episodes": s["eval_episodes"], "vqa_acc_before": vqa_before,
+        "vqa_acc_after": vqa_accuracy(ema, vqa_eval), "latency_ms_per_chunk_b1": 1000 * latency(ema, _sample_obs(), s["num_steps"]),
+        "batched_eval_ms_per_chunk": 1000 * chunk_s, "train_time_s": train_time,
+        "wall_time_s": time.time() - t_start, "device": s["device"], "train_steps": s["train_steps"],
+    }
+    out = s["out_dir"]
+    ema.save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"}, metrics=metrics)
+    draw_curves(history, os.path.join(out, f"curves{tag}.png"))
+    write_gif(episodes + more, os.path.join(out, f"rollouts{tag}.gif"))
+    return metrics
+
+
+def _sample_obs():
+    return kivla.PushEnv().reset(seed=EVAL_SEED)[0]
+
+
+def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
+    """Toy VLM pretraining: VQA only, ViT + backbone (the expert gets no gradient: no action rows)."""
+    torch.manual_seed(s["seed"])
+    model = kivla.KIVLA(kivla.Config(**{**asdict(cfg), "variant": "ki"}), tok).to(s["device"])
+    ema = train(model, s, None, vqa, s["pretrain_steps"], 1.0, "VLM pretraining (VQA)")
+    acc = vqa_accuracy(ema, vqa_eval)
+    ema.save(os.path.join(s["out_dir"], "pretrained.pt"), vqa_acc=acc)
+    return {k: v.cpu() for k, v in ema.state_dict().items()}, acc
+
+
+def eval_only(s):
+    assert s["init_from"], "--eval_only needs --init_from=out/ckpt.pt"
+    model = kivla.KIVLA.from_checkpoint(s["init_from"], device=s["device"])
+    tasks, text = "train", s["instruction"]
+    if text:
+        _, unknown = model.vocab.words(text)
+        if unknown:
+            print(f"warning: words the model has never seen (read as <unk>): {unknown}")
+        color = [c for c in kivla.COLORS if c in text.split()]
+        corner = [k for k in kivla.CORNERS if k in text]
+        tasks = [(color[0], corner[0])] if color and corner else "all"  # success only means something if parsed
+        print(f"instruction: {text!r} -> task {tasks if tasks != 'all' else '(not parsed: success not meaningful)'}")
+    torch.manual_seed(s["seed"])
+    n = s["gif_episodes"] * 2
+    ok, _, eps = rollouts(model, tasks, range(EVAL_SEED, EVAL_SEED + n), s["replan"], s["num_steps"], text or None, n)
+    os.makedirs(s["out_dir"], exist_ok=True)
+    path = os.path.join(s["out_dir"], "try.gif")
+    write_gif(eps, path)
+    print(f"success {ok.mean():.2f} over {n} seeds; wrote {path}")
+    return {"success": float(ok.mean())}
+
+
+def main(argv):
+    s, cfg = parse_args(argv)
+    s["device"] = pick_device(s["device"])
+    torch.manual_seed(s["seed"])
+    if s["device"] == "cpu":
+        torch.use_deterministic_algorithms(True)
+    if s["eval_only"]:
+        return eval_only(s)
+    t_start = time.time()
+    os.makedirs(s["out_dir"], exist_ok=True)
+    # 1) demonstrations
+    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"])
+    print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
+    # 2) FAST tokenizer (reused from the pretrained checkpoint when there is one: same ids, same embeddings)
+    init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
+    tok = kivla.FASTTokenizer.from_state_dict(init["fast_tokenizer"]) if init else kivla.FASTTokenizer().fit(chunks)
+    n_fast = np.mean([len(tok.encode(c)) for c in chunks[:2000]])
+    print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for per-dimension binning")
+    # 3) toy VLM pretraining (or reuse)
+    model = kivla.KIVLA(cfg, tok)
+    vqa = model.make_batch(make_vqa_set(s["n_vqa"], s["seed"]))
+    vqa_eval = model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))
+    robot = model.make_batch(obs, chunks)
+    if init:
+        weights, vqa_before = init["model"], init.get("vqa_acc", float("nan"))
+        print(f"VLM weights from {s['init_from']} (VQA accuracy {vqa_before:.3f})")
+    else:
+        weights, vqa_before = pretrain_vlm(s, cfg, tok, vqa, vqa_eval)
+        print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes")
+    # 4) + 5) robot training and evaluation, one variant or all of them
+    variants = kivla.VARIANTS if s["compare"] else (cfg.variant,)
+    results = []
+    for v in variants:
+        c = kivla.Config(**{**asdict(cfg), "variant": v})
+        m = run_variant(s, c, tok, robot, vqa, vqa_eval, weights, vqa_before, t_start, f"_{v}" if s["compare"] else "")
+        m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
+        results.append(m)
+        print(f"{v:5s} | success {m['success']:.2f} | held-out combos {m['heldout_success']:.2f} | "
+              f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk "
+              f"| wall {m['wall_time_s'] / 60:.1f} min")
+    expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]))
+    for m in results:
+        m["expert_success"] = expert_ok
+    out = results[0] if len(results) == 1 else {"compare": results}
+    with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"scripted expert on the same seeds: {expert_ok:.2f}; wrote {s['out_dir']}/")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
