@@ -39,16 +39,17 @@ SETTINGS = dict(
     quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
     compare=False,          # train every variant (ki, joint, pi0, fast) from the same pretraining, one table
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
+    bench=False,            # print the benchmarks (FAST compression, env speed, flow vs AR latency) and exit
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
     demo_noise=0.3,         # std of the noise added to executed expert actions (labels stay clean)
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
     pretrain_steps=1500,    # toy VLM pretraining steps (VQA only)
-    train_steps=5000,       # robot training steps
+    train_steps=4000,       # robot training steps
     batch_size=64,
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
-    lr=1.5e-3,
+    lr=1e-3,
     min_lr_frac=0.05,       # cosine decays to lr * min_lr_frac
     warmup_steps=200,
     weight_decay=0.01,
@@ -411,6 +412,54 @@ def eval_only(s):
     return {"success": float(ok.mean())}
 
 
+def bench(s, cfg):
+    """The numbers in the README: FAST compression, env throughput, flow sampling vs AR FAST decoding."""
+    torch.set_num_threads(torch.get_num_threads())
+    obs, chunks, _, _ = collect_demos(300, cfg.action_horizon, s["demo_noise"], s["seed"])
+    t0 = time.perf_counter()
+    tok = kivla.FASTTokenizer().fit(np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
+    fit_s = time.perf_counter() - t0
+    n_fast = np.mean([len(tok.encode(c)) for c in chunks])
+    print(f"FAST: {n_fast:.2f} tokens/chunk vs {cfg.action_horizon * cfg.action_dim} with per-dimension 256-bin "
+          f"tokens ({len(chunks)} expert chunks, H={cfg.action_horizon}); fit on 10k chunks {fit_s:.2f} s")
+    env, n, t0 = kivla.PushEnv(), 0, time.perf_counter()
+    env.reset(seed=0)
+    while time.perf_counter() - t0 < 3.0:
+        _, _, term, trunc, _ = env.step(kivla.expert_action(env))
+        n += 1
+        if term or trunc:
+            env.reset(seed=n)
+    print(f"env: {n / (time.perf_counter() - t0):.0f} steps/s (step + {cfg.image_size} px render + expert), one core")
+    if s["init_from"]:
+        model = kivla.KIVLA.from_checkpoint(s["init_from"], device=s["device"])
+        print(f"model: {s['init_from']}")
+    else:
+        torch.manual_seed(s["seed"])
+        model = kivla.KIVLA(cfg, tok).to(s["device"]).eval()
+        print("model: randomly initialised (AR decoding forced to the mean FAST length)")
+    n_tok = int(round(n_fast)) + 1  # FAST tokens + "|"
+    out = {}
+    for bs in (1, 32):
+        b = model.make_batch([obs[i % len(obs)] for i in range(bs)])
+        flow = lambda: model.sample_actions(b, num_steps=10)  # noqa: E731
+        ar = lambda: model.generate_fast_actions(b, max_tokens=n_tok, stop_at_eos=False)  # noqa: E731
+        t_flow, t_ar = _median_time(flow), _median_time(ar)
+        out[bs] = (t_flow, t_ar)
+        print(f"batch {bs:2d}: flow (10 Euler steps) {1000 * t_flow:6.1f} ms | AR FAST ({n_tok} tokens) "
+              f"{1000 * t_ar:6.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
+    return out
+
+
+def _median_time(fn, reps=15):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def main(argv):
     s, cfg = parse_args(argv)
     s["device"] = pick_device(s["device"])
@@ -419,6 +468,8 @@ def main(argv):
         torch.use_deterministic_algorithms(True)
     if s["eval_only"]:
         return eval_only(s)
+    if s["bench"]:
+        return bench(s, cfg)
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
     # 1) demonstrations
