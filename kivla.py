@@ -236,7 +236,7 @@ class PushEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
-    pusher_radius, block_radius, speed, success_tol = 0.05, 0.06, 0.05, 0.06
+    pusher_radius, block_radius, speed, success_tol = 0.05, 0.06, 0.05, 0.1  # tol = half the pad
 
     def __init__(self, image_size=64, max_episode_steps=100, tasks="train", render_mode=None, render_size=256):
         if tasks not in ("train", "heldout", "all") and not isinstance(tasks, (list, tuple)):
@@ -289,7 +289,7 @@ class PushEnv(gymnasium.Env):
         self._physics(a * self.speed)
         self.steps += 1
         dist = float(np.linalg.norm(self.blocks[0] - self.goal))
-        success = dist < self.success_tol
+        success = bool(np.all(np.abs(self.blocks[0] - self.goal) < self.success_tol))  # centre on the drawn pad
         truncated = self.steps >= self.max_episode_steps and not success
         return self._obs(), -dist, success, truncated, {"success": success}
 
@@ -325,7 +325,7 @@ class PushEnv(gymnasium.Env):
     def _draw(self, size):
         img = Image.new("RGB", (size, size), (205, 205, 200))
         dr = ImageDraw.Draw(img)
-        g = 0.1 * size  # goal pads: the four corners look alike, only the words say which one
+        g = self.success_tol * size  # goal pads: the four corners look alike, only the words say which one
         for gx, gy in CORNERS.values():
             dr.rectangle([gx * size - g, gy * size - g, gx * size + g, gy * size + g], fill=(165, 165, 160))
         r = self.block_radius * size
@@ -645,15 +645,16 @@ class Backbone(nn.Module):
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
 
     def forward(self, x, pos, mask, cache=None):
-        """x (B, T, D) embeddings, pos (T,) -> logits (B, T, V), per-layer [(k, v)] incl. the cache,
-        each (B, nh, Tpast + T, hs) with RoPE applied (what HF calls past_key_values)."""
+        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
+        computed by the caller only where needed: the vocabulary projection is the costliest matmul),
+        per-layer [(k, v)] incl. the cache, each (B, nh, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
         kv = []
         for i, blk in enumerate(self.blocks):
             x, (k, v) = blk(x, pos, mask, None if cache is None else cache[i])
             if cache is not None:
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             kv.append((k, v))
-        return self.lm_head(self.norm(x)), kv
+        return self.norm(x), kv
 
 
 # ------------------------------------------------------------------------------------------------
@@ -804,6 +805,15 @@ class KIVLA(nn.Module):
         _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device), prefix_lm_mask(valid, 0))
         return kv, valid
 
+    def forward_vlm(self, batch):
+        """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states (B, Ts, D),
+        per-layer [(k, v)] over all Tp + Ts tokens, prefix_valid (B, Tp)."""
+        x, prefix_valid = self._prefix_embeddings(batch)  # (B, Tp, D)
+        Tp, Ts = x.shape[1], batch["suffix"].shape[1]
+        x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
+        h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
+        return h[:, Tp:], kv, prefix_valid
+
     def _expert(self, x_tau, tau, kv, prefix_valid):
         Tp, H = prefix_valid.shape[1], x_tau.shape[1]
         # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
@@ -817,14 +827,12 @@ class KIVLA(nn.Module):
         noise (B, H, A) and time (B,) may be given (tests); otherwise sampled."""
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
         # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
-        x, prefix_valid = self._prefix_embeddings(batch)  # (B, Tp, D)
-        Tp, Ts = x.shape[1], batch["suffix"].shape[1]
-        x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
-        logits, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
+        h, kv, prefix_valid = self.forward_vlm(batch)
+        Tp = prefix_valid.shape[1]
         # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone learns actions
         m = batch["suffix_loss"]
-        ce = F.cross_entropy(logits[:, Tp:][m].float(), batch["suffix_target"][m]) if m.any() else x.new_zeros(())
-        flow = x.new_zeros(())
+        ce = F.cross_entropy(self.backbone.lm_head(h[m]).float(), batch["suffix_target"][m]) if m.any() else h.new_zeros(())
+        flow = h.new_zeros(())
         # 3) flow matching for the action expert on robot rows
         r = batch["has_actions"]
         if cfg.use_flow and r.any():
@@ -837,8 +845,8 @@ class KIVLA(nn.Module):
             if noise is None:
                 noise = torch.randn_like(actions)
             if time is None:  # Beta(1.5, 1) on [0.001, 1]: more weight on noisy times (pi0)
-                time = torch.distributions.Beta(1.5, 1.0).sample((len(actions),)).to(x.device) * 0.999 + 0.001
-            noise, tau = noise.to(x.device), time.to(x.device)[:, None, None]  # tau (B, 1, 1)
+                time = torch.distributions.Beta(1.5, 1.0).sample((len(actions),)).to(h.device) * 0.999 + 0.001
+            noise, tau = noise.to(h.device), time.to(h.device)[:, None, None]  # tau (B, 1, 1)
             x_tau = tau * noise + (1 - tau) * actions  # tau = 1 is pure noise, 0 the clean chunk
             u = noise - actions  # target velocity d x_tau / d tau
             v = self._expert(x_tau, tau[:, 0, 0], kv, prefix_valid)  # (B, H, A)
@@ -873,11 +881,11 @@ class KIVLA(nn.Module):
         B, Tp = valid.shape
         act = torch.full((B, 1), vocab.action, device=dev)
         x = torch.cat([x, self.backbone.embed(act)], 1)  # (B, Tp + 1, D)
-        logits, cache = self.backbone(x, torch.arange(Tp + 1, device=dev), prefix_lm_mask(valid, 1))
+        h, cache = self.backbone(x, torch.arange(Tp + 1, device=dev), prefix_lm_mask(valid, 1))
         out = torch.zeros(B, 0, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(max_tokens):
-            nxt = logits[:, -1].argmax(-1)  # (B,)
+            nxt = self.backbone.lm_head(h[:, -1]).argmax(-1)  # (B,)
             out = torch.cat([out, nxt[:, None]], 1)
             done |= nxt == vocab.eos
             if (stop_at_eos and done.all()) or t == max_tokens - 1:
@@ -885,12 +893,12 @@ class KIVLA(nn.Module):
             if use_cache:  # one new token attends to everything before it
                 T = Tp + 1 + out.shape[1]
                 mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
-                logits, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.tensor([T - 1], device=dev),
+                h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.tensor([T - 1], device=dev),
                                               mask, cache)
             else:  # recompute the whole sequence: the reference the cache must match
                 seq = torch.cat([act, out], 1)
                 xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
-                logits, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
+                h, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
         return self._decode_fast(out)
 
     def _decode_fast(self, tokens):

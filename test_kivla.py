@@ -302,11 +302,11 @@ def test_attention_mask_prefix_bidirectional_suffix_causal(demo):
     mask = kivla.prefix_lm_mask(torch.tensor([[True, True, True]]), 2)[0, 0].int().tolist()
     assert mask == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
-    def logits(b):
+    def logits(b):  # logits over the whole sequence, prefix positions included
         x, valid = m._prefix_embeddings(b)
         Tp, Ts = x.shape[1], b["suffix"].shape[1]
         x = torch.cat([x, m.backbone.embed(b["suffix"])], 1)
-        return m.backbone(x, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))[0], Tp
+        return m.backbone.lm_head(m.backbone(x, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))[0]), Tp
 
     base, Tp = logits(batch)
     state = batch["state"].clone()
@@ -329,10 +329,8 @@ def test_kv_cached_flow_sampling_equals_recomputation(demo):
     x = noise.clone()
     with torch.no_grad():
         for i in range(5):  # no cache: re-run the whole backbone, suffix included, at every step
-            xe, valid = m._prefix_embeddings(batch)
-            Tp, Ts = xe.shape[1], batch["suffix"].shape[1]
-            xe = torch.cat([xe, m.backbone.embed(batch["suffix"])], 1)
-            _, kv = m.backbone(xe, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))
+            _, kv, valid = m.forward_vlm(batch)
+            Tp = valid.shape[1]
             kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]
             x = x - 0.2 * m._expert(x, torch.full((len(obs),), 1 - 0.2 * i), kv, valid)
     assert cached.shape == (len(obs), 10, 2) and cached.dtype == torch.float32

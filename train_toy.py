@@ -165,11 +165,8 @@ def vqa_accuracy(model, vqa_batch, bs=500):
     right = []
     for i in range(0, len(vqa_batch["text"]), bs):
         b = {k: v.to(model.device) for k, v in index(vqa_batch, slice(i, i + bs)).items()}
-        x, valid = model._prefix_embeddings(b)
-        Tp, Ts = x.shape[1], b["suffix"].shape[1]
-        x = torch.cat([x, model.backbone.embed(b["suffix"])], 1)
-        logits, _ = model.backbone(x, torch.arange(Tp + Ts, device=x.device), kivla.prefix_lm_mask(valid, Ts))
-        ok = (logits[:, Tp:].argmax(-1) == b["suffix_target"]) | ~b["suffix_loss"]
+        h, _, _ = model.forward_vlm(b)
+        ok = (model.backbone.lm_head(h).argmax(-1) == b["suffix_target"]) | ~b["suffix_loss"]
         right.append(ok.all(1).cpu())
     return torch.cat(right).float().mean().item()
 
