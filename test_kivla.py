@@ -418,7 +418,7 @@ TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--tr
             "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1"]
 
 
-def test_quick_pipeline_is_deterministic_and_checkpoint_reloads(tmp_path):
+def test_quick_pipeline_is_deterministic_and_checkpoint_reloads(tmp_path, capsys):
     a = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'a'}"])
     b = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'b'}"])
     timing = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "wall_time_s")
@@ -433,6 +433,12 @@ def test_quick_pipeline_is_deterministic_and_checkpoint_reloads(tmp_path):
     batch = m.make_batch([kivla.PushEnv().reset(seed=0)[0]])
     noise = torch.randn(1, 10, 2)
     assert torch.equal(m.eval().sample_actions(batch, noise=noise), m2.sample_actions(batch, noise=noise))
+    # try it yourself: an instruction with a word the model has never seen is reported, and a GIF is written
+    capsys.readouterr()
+    r = train_toy.main(["--eval_only", f"--init_from={tmp_path / 'a' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'try'}",
+                        "--instruction=push the magenta block to the top left corner", "--gif_episodes=1"])
+    assert "magenta" in capsys.readouterr().out and 0 <= r["success"] <= 1
+    assert (tmp_path / "try" / "try.gif").stat().st_size > 0
 
 
 def test_demos_never_contain_heldout_combinations():

@@ -44,9 +44,11 @@ SETTINGS = dict(
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
     demo_noise=0.3,         # std of the noise added to executed expert actions (labels stay clean)
+    fast_scale=10.0,        # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
+    fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
     pretrain_steps=1500,    # toy VLM pretraining steps (VQA only)
-    train_steps=4000,       # robot training steps
+    train_steps=6000,       # robot training steps
     batch_size=64,
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
     lr=1e-3,
@@ -232,31 +234,42 @@ def latency(model, obs, num_steps, reps=20):
 # 3) pictures: training curves (pillow, no matplotlib) and an annotated rollout GIF
 
 
-def draw_curves(history, path, size=(720, 300)):
+def draw_curves(history, path, size=(760, 320)):
+    """Left: CE and flow loss (log scale, moving average of 10 logs); right: success vs step."""
     img = Image.new("RGB", size, "white")
     dr = ImageDraw.Draw(img)
-    W, H, pad = size[0] // 2, size[1], 30
-    panels = [("loss (log)", [("ce_loss", (200, 60, 40)), ("flow_loss", (40, 90, 200))], True),
-              ("success", [("success", (30, 150, 60))], False)]
-    steps = [h["step"] for h in history["train"]] or [0]
-    for p, (title, series, log) in enumerate(panels):
-        x0 = p * W
-        dr.rectangle([x0 + pad, pad, x0 + W - 10, H - pad], outline=(120, 120, 120))
-        dr.text((x0 + pad, 8), title, fill="black")
-        rows = history["train"] if p == 0 else history["eval"]
-        xmax = max(steps[-1], 1)
-        for key, color in series:
-            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0 or (not log and key in r)]
-            if not pts:
-                continue
-            ys = [math.log10(max(v, 1e-4)) if log else v for _, v in pts]
-            lo, hi = (min(ys), max(ys)) if log else (0.0, 1.0)
-            hi = hi if hi > lo else lo + 1
-            xy = [(x0 + pad + (s / xmax) * (W - pad - 10), H - pad - (y - lo) / (hi - lo) * (H - 2 * pad))
-                  for (s, _), y in zip(pts, ys)]
-            dr.line(xy, fill=color, width=2) if len(xy) > 1 else dr.ellipse([*xy[0], xy[0][0] + 4, xy[0][1] + 4], fill=color)
-            dr.text((xy[-1][0] - 60, xy[-1][1] - 12), key, fill=color)
-        dr.text((x0 + W - 60, H - pad + 5), f"step {xmax}", fill="black")
+    W, H, L, T, B = size[0] // 2, size[1], 42, 24, 28  # panel width, height, left/top/bottom margins
+    xmax = max([r["step"] for r in history["train"] + history["eval"]] + [1])
+    tr, ev = history["train"], history["eval"]
+    k = min(10, len(tr)) or 1  # moving average over k logged steps
+
+    def smooth(key):
+        if not tr:
+            return [], np.ones(0)
+        return [r["step"] for r in tr][k - 1:], np.convolve([max(r[key], 1e-4) for r in tr], np.ones(k) / k, "valid")
+
+    series = [[("ce_loss", (200, 60, 40), *smooth("ce_loss")), ("flow_loss", (40, 90, 200), *smooth("flow_loss"))],
+              [("success", (30, 150, 60), [r["step"] for r in ev], [r["success"] for r in ev])]]
+    for p, panel in enumerate(series):
+        x0, log = p * W, p == 0
+        vals = np.concatenate([np.log10(v) if log else np.asarray(v, float) for _, _, _, v in panel] + [[0.0]])
+        lo, hi = (math.floor(vals.min()), math.ceil(vals.max() + 1e-9)) if log else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1
+        X = lambda s: x0 + L + s / xmax * (W - L - 10)  # noqa: E731
+        Y = lambda v: T + (hi - v) / (hi - lo) * (H - T - B)  # noqa: E731
+        dr.rectangle([x0 + L, T, x0 + W - 10, H - B], outline=(150, 150, 150))
+        for tick in range(int(lo), int(hi) + 1) if log else (0.0, 0.5, 1.0):
+            dr.text((x0 + 4, Y(tick) - 6), f"1e{tick}" if log else f"{tick:.1f}", fill="black")
+        dr.text((x0 + L, 6), "training loss (log)" if log else "success rate (eval seeds)", fill="black")
+        dr.text((x0 + W - 90, H - B + 8), f"step {xmax}", fill="black")
+        for i, (name, color, steps, v) in enumerate(panel):
+            ys = np.log10(v) if log else np.asarray(v, float)
+            pts = [(X(s), Y(y)) for s, y in zip(steps, ys)]
+            if len(pts) > 1:
+                dr.line(pts, fill=color, width=2)
+            for q in pts if not log else []:
+                dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=color)
+            dr.text((x0 + W - 90, T + 6 + 14 * i), name, fill=color)
     img.save(path)
 
 
@@ -438,12 +451,13 @@ def bench(s, cfg):
     out = {}
     for bs in (1, 32):
         b = model.make_batch([obs[i % len(obs)] for i in range(bs)])
-        flow = lambda: model.sample_actions(b, num_steps=10)  # noqa: E731
-        ar = lambda: model.generate_fast_actions(b, max_tokens=n_tok, stop_at_eos=False)  # noqa: E731
-        t_flow, t_ar = _median_time(flow), _median_time(ar)
-        out[bs] = (t_flow, t_ar)
-        print(f"batch {bs:2d}: flow (10 Euler steps) {1000 * t_flow:6.1f} ms | AR FAST ({n_tok} tokens) "
-              f"{1000 * t_ar:6.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
+        t_flow = _median_time(lambda: model.sample_actions(b, num_steps=10))
+        # the toy's own FAST length, then the lengths of real 1 s chunks of many-DoF robots (FAST: 30-60+)
+        for n in (n_tok, 30, 60):
+            t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=n, stop_at_eos=False))
+            out[(bs, n)] = (t_flow, t_ar)
+            print(f"batch {bs:2d}: flow (10 Euler steps) {1000 * t_flow:6.1f} ms | AR FAST ({n:2d} tokens) "
+                  f"{1000 * t_ar:6.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
     return out
 
 
@@ -472,13 +486,16 @@ def main(argv):
     # 1) demonstrations
     obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"])
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
-    # 2) FAST tokenizer (reused from the pretrained checkpoint when there is one: same ids, same embeddings)
+    # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
     init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
-    tok = kivla.FASTTokenizer.from_state_dict(init["fast_tokenizer"]) if init else kivla.FASTTokenizer().fit(chunks)
+    tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)
+    if init and init["fast_tokenizer"]["vocab_size"] != tok.vocab_size:
+        raise SystemExit(f"error: {s['init_from']} has fast_vocab={init['fast_tokenizer']['vocab_size']}, not {tok.vocab_size}")
     n_fast = np.mean([len(tok.encode(c)) for c in chunks[:2000]])
     print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for per-dimension binning")
     # 3) toy VLM pretraining (or reuse)
     model = kivla.KIVLA(cfg, tok)
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
     vqa = model.make_batch(make_vqa_set(s["n_vqa"], s["seed"]))
     vqa_eval = model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))
     robot = model.make_batch(obs, chunks)
