@@ -826,6 +826,10 @@ class KIVLA(nn.Module):
         """loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
         noise (B, H, A) and time (B,) may be given (tests); otherwise sampled."""
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
+        # 0) drop the suffix padding that no row in this batch uses (the suffix is causal: same numbers, less work)
+        used = batch["suffix_loss"].any(0).nonzero()
+        n = int(used.max()) + 1 if len(used) else 0
+        batch.update({k: batch[k][:, :n] for k in ("suffix", "suffix_target", "suffix_loss")})
         # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
         h, kv, prefix_valid = self.forward_vlm(batch)
         Tp = prefix_valid.shape[1]

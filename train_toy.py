@@ -13,6 +13,7 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
   python train_toy.py --compare --init_from=out/pretrained.pt    # all four variants, one table
   python train_toy.py --eval_only --init_from=out/ckpt.pt --instruction="push the blue block to the top right corner"
+  python train_toy.py --bench [--init_from=out/ckpt.pt]          # FAST compression, env speed, flow vs AR latency
 """
 
 import copy
@@ -48,7 +49,7 @@ SETTINGS = dict(
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
     pretrain_steps=1500,    # toy VLM pretraining steps (VQA only)
-    train_steps=6000,       # robot training steps
+    train_steps=7000,       # robot training steps
     batch_size=64,
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
     lr=1e-3,
@@ -218,16 +219,20 @@ def expert_success(seeds):
     return float(np.mean(ok))
 
 
-def latency(model, obs, num_steps, reps=20):
-    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding)."""
-    b = model.make_batch([obs])
-    model.predict_actions(b, num_steps)  # warm-up
+def _median_time(fn, reps=15):
+    fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        model.predict_actions(b, num_steps)
+        fn()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def latency(model, obs, num_steps):
+    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding)."""
+    b = model.make_batch([obs])
+    return _median_time(lambda: model.predict_actions(b, num_steps), reps=20)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,6 +387,8 @@ def run_variant(s, cfg, tok, robot, vqa, vqa_eval, init, vqa_before, t_start, ta
     out = s["out_dir"]
     ema.save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"}, metrics=metrics)
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
+    with open(os.path.join(out, f"history{tag}.json"), "w") as f:
+        json.dump(history, f)
     write_gif(episodes + more, os.path.join(out, f"rollouts{tag}.gif"))
     return metrics
 
@@ -459,16 +466,6 @@ def bench(s, cfg):
             print(f"batch {bs:2d}: flow (10 Euler steps) {1000 * t_flow:6.1f} ms | AR FAST ({n:2d} tokens) "
                   f"{1000 * t_ar:6.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
     return out
-
-
-def _median_time(fn, reps=15):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def main(argv):
