@@ -232,16 +232,19 @@ class PushEnv(gymnasium.Env):
     The blocks' positions are only in the image and the task only in the words, so a policy needs
     vision and language. Action: pusher velocity in [-1, 1]^2 (times `speed` per step), clipped.
     Physics is kinematic and deterministic: the pusher displaces blocks along the contact normal,
-    blocks displace blocks, walls clamp. `tasks` picks the (colour, corner) pairs that reset samples.
+    blocks displace blocks, walls clamp. `tasks` picks the (colour, corner) pairs that reset samples
+    (or pass options={"task": (colour, corner)}). Reward: minus the target block's distance to its goal.
+    terminated: success = the target's centre on its goal pad; truncated: after max_episode_steps.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
     pusher_radius, block_radius, speed, success_tol = 0.05, 0.06, 0.05, 0.1  # tol = half the pad
 
     def __init__(self, image_size=64, max_episode_steps=100, tasks="train", render_mode=None, render_size=256):
-        if tasks not in ("train", "heldout", "all") and not isinstance(tasks, (list, tuple)):
+        named = {"train": TRAIN_TASKS, "heldout": HELDOUT_TASKS, "all": ALL_TASKS}
+        if not (tasks in named if isinstance(tasks, str) else isinstance(tasks, (list, tuple))):
             raise ValueError(f"tasks must be 'train', 'heldout', 'all' or a list of (colour, corner), got {tasks!r}")
-        self.tasks = {"train": TRAIN_TASKS, "heldout": HELDOUT_TASKS, "all": ALL_TASKS}.get(tasks, tasks)
+        self.tasks = named[tasks] if isinstance(tasks, str) else [tuple(t) for t in tasks]
         for c, k in self.tasks:
             assert c in COLORS and k in CORNERS, f"unknown task ({c!r}, {k!r})"
         self.image_size, self.max_episode_steps = image_size, max_episode_steps

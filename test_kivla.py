@@ -193,6 +193,11 @@ def test_heldout_tasks_are_disjoint_and_cover_every_word():
     for s in range(20):
         env.reset(seed=s)
         assert (env.color, env.corner) in kivla.HELDOUT_TASKS
+    env = kivla.PushEnv(tasks=[("red", "top left")])
+    assert env.reset(seed=0)[0]["instruction"] == "push the red block to the top left corner"
+    assert env.reset(seed=0, options={"task": ("blue", "bottom right")})[0]["instruction"].startswith("push the blue")
+    with pytest.raises(ValueError, match="tasks"):
+        kivla.PushEnv(tasks="everything")
 
 
 # ------------------------------------------------------------------------------------------------
