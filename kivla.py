@@ -560,19 +560,20 @@ class Block(nn.Module):
         past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
         mask: bool (B, 1, T, Tpast + T), True = may attend."""
         B, T, _ = x.shape
-        mod = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0] if self.ada is None else \
-            [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]
-        if self.ada is not None:  # (1 + scale), shift, (1 + gate): the identity at zero init
-            mod = [1 + mod[0], mod[1], 1 + mod[2], 1 + mod[3], mod[4], 1 + mod[5]]
-        h = self.norm1(x) * mod[0] + mod[1]
+        if self.ada is None:
+            s1, b1, g1, s2, b2, g2 = 1.0, 0.0, 1.0, 1.0, 0.0, 1.0
+        else:  # adaRMSNorm: (1 + scale), shift and (1 + gate) per sub-block, the identity at zero
+            s1, b1, g1, s2, b2, g2 = [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]  # (B, 1, W) each
+            s1, g1, s2, g2 = 1 + s1, 1 + g1, 1 + s2, 1 + g2
+        h = self.norm1(x) * s1 + b1
         q, k, v = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, nh, T, hs)
         if pos is not None:
             q, k = rope(q, pos), rope(k, pos)
         kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
         a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
-        x = x + mod[2] * self.proj(a.transpose(1, 2).reshape(B, T, -1))
-        h = self.norm2(x) * mod[3] + mod[4]
-        x = x + mod[5] * self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # GeGLU, as in Gemma
+        x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, T, -1))
+        h = self.norm2(x) * s2 + b2
+        x = x + g2 * self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # GeGLU, as in Gemma
         return x, (k, v)
 
 

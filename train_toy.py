@@ -352,6 +352,9 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not ok.get(name, False):
+        raise SystemExit(f"error: --device={name} is not available here (choose from auto, cpu, cuda, mps)")
     return name
 
 
