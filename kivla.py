@@ -834,6 +834,9 @@ class KIVLA(nn.Module):
         used = batch["suffix_loss"].any(0).nonzero()
         n = int(used.max()) + 1 if len(used) else 0
         batch.update({k: batch[k][:, :n] for k in ("suffix", "suffix_target", "suffix_loss")})
+        if not cfg.use_fast and (batch["suffix"] >= self.vocab.fast_offset).any():
+            raise ValueError(f"variant {cfg.variant!r} trains without FAST tokens, but the batch has some: "
+                             "build batches with this model's make_batch")
         # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
         h, kv, prefix_valid = self.forward_vlm(batch)
         Tp = prefix_valid.shape[1]

@@ -364,6 +364,8 @@ def test_variants_losses(demo):
     m = tiny(tok, "pi0")
     _, metrics = m.compute_loss(m.make_batch(obs[:6], chunks[:6]))  # robot rows only: no CE at all
     assert metrics["ce_loss"] == 0 and metrics["flow_loss"] > 0
+    with pytest.raises(ValueError, match="without FAST tokens"):  # a ki batch fed to pi0 is refused
+        m.compute_loss(tiny(tok, "ki").make_batch(obs[:6], chunks[:6]))
     m = tiny(tok, "ki", flow_weight=0.0)
     loss, metrics = m.compute_loss(m.make_batch(obs, chunks))
     assert loss.item() == pytest.approx(metrics["ce_loss"]) and metrics["flow_loss"] > 0

@@ -358,11 +358,12 @@ def pick_device(name):
     return name
 
 
-def run_variant(s, cfg, tok, robot, vqa, vqa_eval, init, vqa_before, t_start, tag=""):
+def run_variant(s, cfg, tok, demos, vqa, vqa_eval, init, vqa_before, t_start, tag=""):
     """Robot training of one variant from the pretrained VLM weights, then the full evaluation."""
     torch.manual_seed(s["seed"])
     model = kivla.KIVLA(cfg, tok).to(s["device"])
     model.load_state_dict(init)
+    robot = model.make_batch(*demos)  # per variant: pi0 rows carry no FAST tokens
     history = {"train": [], "eval": []}
     n_curve = min(50, s["eval_episodes"])
 
@@ -498,7 +499,6 @@ def main(argv):
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
     vqa = model.make_batch(make_vqa_set(s["n_vqa"], s["seed"]))
     vqa_eval = model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))
-    robot = model.make_batch(obs, chunks)
     if init:
         weights, vqa_before = init["model"], init.get("vqa_acc", float("nan"))
         print(f"VLM weights from {s['init_from']} (VQA accuracy {vqa_before:.3f})")
@@ -510,7 +510,7 @@ def main(argv):
     results = []
     for v in variants:
         c = kivla.Config(**{**asdict(cfg), "variant": v})
-        m = run_variant(s, c, tok, robot, vqa, vqa_eval, weights, vqa_before, t_start, f"_{v}" if s["compare"] else "")
+        m = run_variant(s, c, tok, (obs, chunks), vqa, vqa_eval, weights, vqa_before, t_start, f"_{v}" if s["compare"] else "")
         m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
         results.append(m)
         print(f"{v:5s} | success {m['success']:.2f} | held-out combos {m['heldout_success']:.2f} | "
