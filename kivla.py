@@ -905,7 +905,7 @@ class KIVLA(nn.Module):
                 T = Tp + 1 + out.shape[1]
                 mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
                 h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.tensor([T - 1], device=dev),
-                                              mask, cache)
+                                         mask, cache)
             else:  # recompute the whole sequence: the reference the cache must match
                 seq = torch.cat([act, out], 1)
                 xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
