@@ -476,10 +476,13 @@ class Config:
     expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
     text_len: int = 12          # Tt, words of instruction / question (padded)
     state_bins: int = 256       # pi0.5: proprioception as discrete tokens
+    flow_samples: int = 1       # (noise, tau) draws per robot row in the flow loss, sharing one prefix pass
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.flow_samples < 1:
+            raise ValueError(f"flow_samples must be >= 1, got {self.flow_samples}")
         if not self.flow_weight >= 0:
             raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
         if self.vit_stem not in ("conv", "patchify"):
@@ -528,12 +531,19 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
-def rope(x, pos):
-    """Rotary position embedding on (B, nh, T, hs) with integer positions (T,)."""
-    half = x.shape[-1] // 2
-    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+def rope_angles(pos, head_dim):
+    """Rotary position embedding [RoFormer] angles for integer positions (T,) -> cos, sin, each (T, hs/2).
+    Computed once per forward pass and shared by every layer."""
+    half = head_dim // 2
+    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
     ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return ang.cos(), ang.sin()
+
+
+def rope(x, cos, sin):
+    """Rotate (..., T, hs) by the angles (T, hs/2): the pair (x[i], x[i + hs/2]) turns by angle i."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -555,8 +565,9 @@ class Block(nn.Module):
         # pi0.5's adaRMSNorm: the condition predicts a scale, shift and gate per sub-block
         self.ada = nn.Linear(cond_dim, 6 * width) if cond_dim else None
 
-    def forward(self, x, pos=None, mask=None, past_kv=None, cond=None):
+    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
         """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nh, T, hs).
+        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
         past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
         mask: bool (B, 1, T, Tpast + T), True = may attend."""
         B, T, _ = x.shape
@@ -566,9 +577,8 @@ class Block(nn.Module):
             s1, b1, g1, s2, b2, g2 = [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]  # (B, 1, W) each
             s1, g1, s2, g2 = 1 + s1, 1 + g1, 1 + s2, 1 + g2
         h = self.norm1(x) * s1 + b1
-        q, k, v = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B, nh, T, hs)
-        if pos is not None:
-            q, k = rope(q, pos), rope(k, pos)
+        qkv = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = (*rope(qkv[:2], *rot), qkv[2]) if rot is not None else qkv  # RoPE on queries and keys at once
         kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
         a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
         x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, T, -1))
@@ -652,9 +662,9 @@ class Backbone(nn.Module):
         """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
         computed by the caller only where needed: the vocabulary projection is the costliest matmul),
         per-layer [(k, v)] incl. the cache, each (B, nh, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
-        kv = []
+        kv, rot = [], rope_angles(pos, self.blocks[0].head_dim)
         for i, blk in enumerate(self.blocks):
-            x, (k, v) = blk(x, pos, mask, None if cache is None else cache[i])
+            x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
             if cache is not None:
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             kv.append((k, v))
@@ -695,8 +705,9 @@ class ActionExpert(nn.Module):
         cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
         # expert queries see every valid prefix key and all H action tokens (bidirectional among themselves)
         mask = torch.cat([prefix_valid, prefix_valid.new_ones(B, H)], 1)[:, None, None, :]  # (B, 1, 1, Tp + H)
+        rot = rope_angles(pos, self.blocks[0].head_dim)
         for blk, kv in zip(self.blocks, prefix_kv):
-            x, _ = blk(x, pos, mask, past_kv=kv, cond=cond)
+            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)
         return self.out_proj(self.norm(x))  # (B, H, A)
 
 
@@ -844,24 +855,30 @@ class KIVLA(nn.Module):
         m = batch["suffix_loss"]
         ce = F.cross_entropy(self.backbone.lm_head(h[m]).float(), batch["suffix_target"][m]) if m.any() else h.new_zeros(())
         flow = h.new_zeros(())
-        # 3) flow matching for the action expert on robot rows
+        # 3) flow matching for the action expert, on robot rows only
         r = batch["has_actions"]
         if cfg.use_flow and r.any():
-            kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
+            kv = [(k[r, :, :Tp], v[r, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
             if cfg.stop_gradient:
                 # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a stop-gradient.
                 # The forward pass is unchanged; the flow loss just cannot push gradients into the VLM.
                 kv = [(k.detach(), v.detach()) for k, v in kv]
-            actions = batch["actions"]  # (B, H, A)
+            n = cfg.flow_samples  # several (noise, tau) draws per prefix: the prefix is paid for once, and the
+            kv = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in kv]  # expert is cheap next to it
+            valid, actions = prefix_valid[r].repeat(n, 1), batch["actions"][r].repeat(n, 1, 1)  # (nR, Tp), (nR, H, A)
             if noise is None:
                 noise = torch.randn_like(actions)
+            else:  # given per batch row (tests): (B, H, A)
+                noise = noise.to(h.device)[r].repeat(n, 1, 1)
             if time is None:  # Beta(1.5, 1) on [0.001, 1]: more weight on noisy times (pi0)
                 time = torch.distributions.Beta(1.5, 1.0).sample((len(actions),)).to(h.device) * 0.999 + 0.001
-            noise, tau = noise.to(h.device), time.to(h.device)[:, None, None]  # tau (B, 1, 1)
+            else:
+                time = time.to(h.device)[r].repeat(n)
+            tau = time[:, None, None]  # (nR, 1, 1)
             x_tau = tau * noise + (1 - tau) * actions  # tau = 1 is pure noise, 0 the clean chunk
             u = noise - actions  # target velocity d x_tau / d tau
-            v = self._expert(x_tau, tau[:, 0, 0], kv, prefix_valid)  # (B, H, A)
-            flow = ((v.float() - u) ** 2).mean((1, 2))[r].mean()
+            v = self._expert(x_tau, time, kv, valid)  # (nR, H, A)
+            flow = ((v.float() - u) ** 2).mean()
         loss = ce + cfg.flow_weight * flow
         return loss, {"loss": loss.item(), "ce_loss": ce.item(), "flow_loss": flow.item()}
 

@@ -425,14 +425,25 @@ TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--tr
             "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1"]
 
 
+TIMING = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "run_time_s", "wall_time_s")
+
+
+def untimed(m):
+    """metrics without the wall-clock numbers (which differ between identical runs)."""
+    if isinstance(m, dict):
+        return {k: untimed(v) for k, v in m.items() if k not in TIMING}
+    return [untimed(v) for v in m] if isinstance(m, list) else m
+
+
 def test_quick_pipeline_is_deterministic_and_checkpoint_reloads(tmp_path, capsys):
     a = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'a'}"])
     b = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'b'}"])
-    timing = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "wall_time_s")
-    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-    for f in ("ckpt.pt", "pretrained.pt", "metrics.json", "curves.png", "rollouts.gif"):
+    assert untimed(a) == untimed(b)
+    for f in ("ckpt.pt", "pretrained.pt", "metrics.json", "curves.png", "rollouts.gif", "history.json"):
         assert (tmp_path / "a" / f).stat().st_size > 0
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["success"] == a["success"]
+    e = json.loads((tmp_path / "a" / "history.json").read_text())["eval"]
+    assert [r["step"] for r in e] == [3, 6] and all(0 <= r["fast_token_acc"] <= 1 and r["first_action_mse"] >= 0 for r in e)
     ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     m = kivla.KIVLA(kivla.Config(**ck["config"]), kivla.FASTTokenizer.from_state_dict(ck["fast_tokenizer"]))
     m.load_state_dict(ck["model"])
@@ -448,6 +459,19 @@ def test_quick_pipeline_is_deterministic_and_checkpoint_reloads(tmp_path, capsys
     assert (tmp_path / "try" / "try.gif").stat().st_size > 0
 
 
+def test_seeds_report_every_seed_and_their_spread(tmp_path, capsys):
+    """--seeds=2: one shared pretraining, two robot-training seeds; metrics.json holds both, their mean and std."""
+    r = train_toy.main(TINY_RUN + ["--seeds=2", "--seed=5", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert out.count("VLM pretraining: VQA accuracy") == 1 and "over 2 seeds: success" in out
+    assert r["seeds"] == [5, 6] and [x["seed"] for x in r["runs"]] == [5, 6]
+    for k in ("success", "heldout_success", "fast_token_acc", "first_action_mse"):
+        vals = [x[k] for x in r["runs"]]
+        assert r[k] == pytest.approx(np.mean(vals)) and r[k + "_std"] == pytest.approx(np.std(vals))
+    assert json.loads((tmp_path / "metrics.json").read_text())["runs"][1]["seed"] == 6
+    assert (tmp_path / "ckpt_seed6.pt").stat().st_size > 0 and (tmp_path / "curves_seed5.png").stat().st_size > 0
+
+
 def test_demos_never_contain_heldout_combinations():
     _, chunks, tasks, rate = train_toy.collect_demos(30, 10, 0.3, seed=0)
     assert not set(tasks) & set(kivla.HELDOUT_TASKS) and rate >= 0.95
@@ -455,7 +479,8 @@ def test_demos_never_contain_heldout_combinations():
 
 
 @pytest.mark.parametrize("arg,msg", [("--no_such_key=3", "no_such_key"), ("--variant=bogus", "variant"),
-                                     ("--batch_size=abc", "batch_size"), ("--quick=maybe", "quick")])
+                                     ("--batch_size=abc", "batch_size"), ("--quick=maybe", "quick"),
+                                     ("--seeds=0", "seeds")])
 def test_bad_cli_input(arg, msg, tmp_path):
     r = subprocess.run([sys.executable, "train_toy.py", arg, f"--out_dir={tmp_path}"], capture_output=True, text=True)
     assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr

@@ -37,22 +37,25 @@ SETTINGS = dict(
     out_dir="out",          # where checkpoints, metrics and pictures go
     seed=0,
     device="auto",          # auto | cpu | cuda | mps
+    amp=True,               # bf16 autocast on cuda (ignored elsewhere); --amp=false trains in fp32
     quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
     compare=False,          # train every variant (ki, joint, pi0, fast) from the same pretraining, one table
+    seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
     bench=False,            # print the benchmarks (FAST compression, env speed, flow vs AR latency) and exit
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
     demo_noise=0.3,         # std of the noise added to executed expert actions (labels stay clean)
-    fast_scale=10.0,        # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
+    fast_scale=4.0,         # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
     pretrain_steps=1500,    # toy VLM pretraining steps (VQA only)
-    train_steps=7000,       # robot training steps
+    train_steps=4000,       # robot training steps
     batch_size=64,
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
-    lr=1e-3,
+    lr=3e-3,                # robot training
+    pretrain_lr=1e-3,       # toy VLM pretraining
     min_lr_frac=0.05,       # cosine decays to lr * min_lr_frac
     warmup_steps=200,
     weight_decay=0.01,
@@ -66,7 +69,7 @@ SETTINGS = dict(
 )
 QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
              eval_episodes=16, gif_episodes=2, warmup_steps=10)
-EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED = 1_000_000, 2_000_000, 3_000_000  # never used for training data
+EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000  # never trained on
 
 
 def parse_args(argv):
@@ -138,11 +141,10 @@ def make_vqa_set(n, seed):
     expert pushes so blocks also sit near corners and walls."""
     env, rng, out = kivla.PushEnv(tasks="all"), np.random.default_rng(seed), []
     while len(out) < n:
-        obs, _ = env.reset(seed=int(rng.integers(2**31)))
-        for _ in range(int(rng.integers(0, 40))):
-            obs, _, term, trunc, _ = env.step(kivla.expert_action(env, noise=0.5, rng=rng))
-            if term or trunc:
-                break
+        env.reset(seed=int(rng.integers(2**31)))
+        for _ in range(int(rng.integers(0, 40))):  # physics only: the frames in between are never looked at
+            env._physics(kivla.expert_action(env, noise=0.5, rng=rng) * env.speed)
+        obs = env._obs()
         for _ in range(4):  # several questions per scene
             q, a = kivla.make_vqa(env, rng)
             out.append({**obs, "instruction": q, "answer": a})
@@ -204,6 +206,22 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0)
     for i in range(record):
         frames[i] = (frames[i], envs[i].instruction if not instruction else instruction, success[i])
     return np.array(success), chunk_time / max(chunks, 1), frames[:record]
+
+
+@torch.no_grad()
+def diagnostics(model, diag, num_steps):
+    """Two cheap measures on held-out demo states (clean expert labels), to steer training by:
+    teacher-forced FAST token accuracy (what the backbone learned about actions; NaN for pi0) and the
+    policy's first-action mean squared error (what the robot will do next; 0.47 for always predicting 0)."""
+    model.eval()
+    b = {k: v.to(model.device) for k, v in diag.items()}
+    acc = float("nan")
+    if model.cfg.use_fast:
+        h, _, _ = model.forward_vlm(b)
+        m = b["suffix_loss"]
+        acc = (model.backbone.lm_head(h[m]).argmax(-1) == b["suffix_target"][m]).float().mean().item()
+    first = model.predict_actions(b, num_steps)[:, 0].cpu()  # (N, A)
+    return {"fast_token_acc": acc, "first_action_mse": ((first - diag["actions"][:, 0]) ** 2).mean().item()}
 
 
 def expert_success(seeds):
@@ -279,6 +297,8 @@ def draw_curves(history, path, size=(760, 320)):
 
 
 def write_gif(episodes, path):
+    if not episodes:
+        return
     frames = []
     for ep_frames, instruction, success in episodes:
         for t, f in enumerate(ep_frames):
@@ -312,11 +332,12 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s["lr"], betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s["lr"], betas=(0.9, 0.95),
+                            fused=dev.type in ("cpu", "cuda"))  # one kernel per tensor: 8x less optimizer time on CPU
     ema = copy.deepcopy(model).eval()
     n_vqa = round(s["batch_size"] * vqa_frac) if robot is not None else s["batch_size"]
     n_rob = s["batch_size"] - n_vqa
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"])
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
     for step in bar:
         parts = [index(robot, torch.randint(len(robot["text"]), (n_rob,), generator=g))] if n_rob else []
@@ -333,15 +354,15 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
         opt.step()
         with torch.no_grad():
             d = min(s["ema"], (1 + step) / (10 + step))  # short warm-up of the EMA itself
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - d)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
         if step % 10 == 0:
             bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
             if history is not None:
                 history["train"].append({"step": step, **m})
         if curve is not None and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
-            rate = curve(ema, step + 1)
-            tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {rate:.2f}")
+            e = curve(ema, step + 1)
+            tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {e['success']:.2f} "
+                       f"| FAST acc {e['fast_token_acc']:.2f} | 1st-action err {e['first_action_mse']:.3f}")
     return ema
 
 
@@ -358,36 +379,39 @@ def pick_device(name):
     return name
 
 
-def run_variant(s, cfg, tok, demos, vqa, vqa_eval, init, vqa_before, t_start, tag=""):
-    """Robot training of one variant from the pretrained VLM weights, then the full evaluation."""
-    torch.manual_seed(s["seed"])
+def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
+    """Robot training of one variant and one seed from the pretrained VLM weights, then the full evaluation.
+    The action expert starts from a fresh random init per seed (the pretrained checkpoint has none worth keeping)."""
+    t_start = time.time()
+    torch.manual_seed(seed)
     model = kivla.KIVLA(cfg, tok).to(s["device"])
-    model.load_state_dict(init)
-    robot = model.make_batch(*demos)  # per variant: pi0 rows carry no FAST tokens
+    model.load_state_dict({k: v for k, v in init.items() if not k.startswith("action_expert.")}, strict=False)
+    robot, diag = model.make_batch(*data["demos"]), model.make_batch(*data["diag"])  # per variant: pi0 has no FAST
     history = {"train": [], "eval": []}
     n_curve = min(50, s["eval_episodes"])
 
     def curve(ema, step):
-        torch.manual_seed(s["seed"])
+        torch.manual_seed(seed)
         ok, _, _ = rollouts(ema, "train", range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
-        history["eval"].append({"step": step, "success": float(ok.mean())})
-        return ok.mean()
+        history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
+        return history["eval"][-1]
 
-    t0 = time.time()
-    ema = train(model, s, robot, vqa, s["train_steps"], s["vqa_frac"], f"train {cfg.variant}", curve, history)
-    train_time = time.time() - t0
-    torch.manual_seed(s["seed"])
+    ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
+                f"train {cfg.variant} seed {seed}", curve, history)
+    train_time = time.time() - t_start
+    torch.manual_seed(seed)
     seeds = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"])
     ok_in, chunk_s, episodes = rollouts(ema, "train", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
     ok_out, _, more = rollouts(ema, "heldout", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
-    ema.cpu()
     metrics = {
-        "variant": cfg.variant, "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
-        "eval_episodes": s["eval_episodes"], "vqa_acc_before": vqa_before,
-        "vqa_acc_after": vqa_accuracy(ema, vqa_eval), "latency_ms_per_chunk_b1": 1000 * latency(ema, _sample_obs(), s["num_steps"]),
-        "batched_eval_ms_per_chunk": 1000 * chunk_s, "train_time_s": train_time,
-        "wall_time_s": time.time() - t_start, "device": s["device"], "train_steps": s["train_steps"],
+        "variant": cfg.variant, "seed": seed, "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
+        "eval_episodes": s["eval_episodes"], **diagnostics(ema, diag, s["num_steps"]),
+        "vqa_acc_before": vqa_before, "vqa_acc_after": vqa_accuracy(ema, data["vqa_eval"]),
     }
+    ema.cpu()
+    metrics.update(latency_ms_per_chunk_b1=1000 * latency(ema, _sample_obs(), s["num_steps"]),
+                   batched_eval_ms_per_chunk=1000 * chunk_s, train_time_s=train_time,
+                   run_time_s=time.time() - t_start, device=s["device"], train_steps=s["train_steps"])
     out = s["out_dir"]
     ema.save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"}, metrics=metrics)
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
@@ -405,7 +429,7 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
     """Toy VLM pretraining: VQA only, ViT + backbone (the expert gets no gradient: no action rows)."""
     torch.manual_seed(s["seed"])
     model = kivla.KIVLA(kivla.Config(**{**asdict(cfg), "variant": "ki"}), tok).to(s["device"])
-    ema = train(model, s, None, vqa, s["pretrain_steps"], 1.0, "VLM pretraining (VQA)")
+    ema = train(model, {**s, "lr": s["pretrain_lr"]}, None, vqa, s["pretrain_steps"], 1.0, "VLM pretraining (VQA)")
     acc = vqa_accuracy(ema, vqa_eval)
     ema.save(os.path.join(s["out_dir"], "pretrained.pt"), vqa_acc=acc)
     return {k: v.cpu() for k, v in ema.state_dict().items()}, acc
@@ -433,13 +457,37 @@ def eval_only(s):
     return {"success": float(ok.mean())}
 
 
+def train_speed(s, cfg, tok, obs, chunks, steps=40):
+    """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA)."""
+    torch.manual_seed(s["seed"])
+    model = kivla.KIVLA(cfg, tok).to(s["device"])
+    robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
+    train(model, s, robot, vqa, 5, s["vqa_frac"], "bench warm-up")
+    t0 = time.perf_counter()
+    train(model, s, robot, vqa, steps, s["vqa_frac"], "bench train")
+    return steps / (time.perf_counter() - t0)
+
+
+def matmul_gflops(device, n=1024):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = _median_time(lambda: (a @ b, sync()), reps=20)
+    return 2 * n ** 3 / t / 1e9
+
+
 def bench(s, cfg):
     """The numbers in the README: FAST compression, env throughput, flow sampling vs AR FAST decoding."""
     torch.set_num_threads(torch.get_num_threads())
     obs, chunks, _, _ = collect_demos(300, cfg.action_horizon, s["demo_noise"], s["seed"])
     t0 = time.perf_counter()
-    tok = kivla.FASTTokenizer().fit(np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
+    tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
     fit_s = time.perf_counter() - t0
+    # training speed in the default job's conditions, next to a plain matmul on the same machine: the
+    # steps/s vary 2-4x between machines of one kind; steps/s per matmul GFLOP/s should vary far less
+    sps, gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
+    print(f"train: {sps:.2f} steps/s ({cfg.variant}, batch {s['batch_size']}, {s['device']}, "
+          f"{torch.get_num_threads()} threads) | matmul 1024^3 fp32 {gflops:.0f} GFLOP/s | "
+          f"{1000 * sps / gflops:.1f} steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
     n_fast = np.mean([len(tok.encode(c)) for c in chunks])
     print(f"FAST: {n_fast:.2f} tokens/chunk vs {cfg.action_horizon * cfg.action_dim} with per-dimension 256-bin "
           f"tokens ({len(chunks)} expert chunks, H={cfg.action_horizon}); fit on 10k chunks {fit_s:.2f} s")
@@ -472,6 +520,20 @@ def bench(s, cfg):
     return out
 
 
+SPREAD = ("success", "heldout_success", "vqa_acc_after", "fast_token_acc", "first_action_mse")
+
+
+def summarize(runs):
+    """Per-seed metrics -> one dict: the mean of every number, the std of the headline ones, every run."""
+    out = {k: v for k, v in runs[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(np.mean([r[k] for r in runs]))
+    out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in SPREAD})
+    out.update(seeds=[r["seed"] for r in runs], n_seeds=len(runs), runs=runs)
+    return out
+
+
 def main(argv):
     s, cfg = parse_args(argv)
     s["device"] = pick_device(s["device"])
@@ -482,11 +544,15 @@ def main(argv):
         return eval_only(s)
     if s["bench"]:
         return bench(s, cfg)
+    if s["seeds"] < 1:
+        raise SystemExit(f"error: --seeds must be >= 1, got {s['seeds']}")
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
-    # 1) demonstrations
+    # 1) demonstrations (+ a few held-out expert episodes for the diagnostics)
     obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"])
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
+    d_obs, d_chunks, _, _ = collect_demos(40 if not s["quick"] else 4, cfg.action_horizon, 0.0, DIAG_SEED)
+    pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
     # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
     init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)
@@ -497,32 +563,43 @@ def main(argv):
     # 3) toy VLM pretraining (or reuse)
     model = kivla.KIVLA(cfg, tok)
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
-    vqa = model.make_batch(make_vqa_set(s["n_vqa"], s["seed"]))
-    vqa_eval = model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))
+    data = {"demos": (obs, chunks), "diag": ([d_obs[i] for i in pick], d_chunks[pick]),
+            "vqa": model.make_batch(make_vqa_set(s["n_vqa"], s["seed"])),
+            "vqa_eval": model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))}
     if init:
         weights, vqa_before = init["model"], init.get("vqa_acc", float("nan"))
         print(f"VLM weights from {s['init_from']} (VQA accuracy {vqa_before:.3f})")
     else:
-        weights, vqa_before = pretrain_vlm(s, cfg, tok, vqa, vqa_eval)
-        print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes")
-    # 4) + 5) robot training and evaluation, one variant or all of them
+        weights, vqa_before = pretrain_vlm(s, cfg, tok, data["vqa"], data["vqa_eval"])
+        print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes ({time.time() - t_start:.0f} s so far)")
+    # 4) + 5) robot training and evaluation: one variant or all of them, for --seeds training seeds each
     variants = kivla.VARIANTS if s["compare"] else (cfg.variant,)
+    seeds = [s["seed"] + i for i in range(s["seeds"])]
     results = []
     for v in variants:
         c = kivla.Config(**{**asdict(cfg), "variant": v})
-        m = run_variant(s, c, tok, (obs, chunks), vqa, vqa_eval, weights, vqa_before, t_start, f"_{v}" if s["compare"] else "")
-        m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
-        results.append(m)
-        print(f"{v:5s} | success {m['success']:.2f} | held-out combos {m['heldout_success']:.2f} | "
-              f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk "
-              f"| wall {m['wall_time_s'] / 60:.1f} min")
+        runs = []
+        for seed in seeds:
+            tag = (f"_{v}" if s["compare"] else "") + (f"_seed{seed}" if len(seeds) > 1 else "")
+            m = run_variant(s, c, tok, data, weights, vqa_before, seed, tag)
+            m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
+            runs.append(m)
+            print(f"{v:5s} seed {seed} | success {m['success']:.3f} | held-out combos {m['heldout_success']:.3f} | "
+                  f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
+                  f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
+        results.append(summarize(runs))
     expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]))
-    for m in results:
-        m["expert_success"] = expert_ok
+    wall = time.time() - t_start
+    for r in results:
+        r.update(expert_success=expert_ok, wall_time_s=wall)
+        if len(seeds) > 1:
+            print(f"{r['variant']:5s} over {len(seeds)} seeds: success {r['success']:.3f} ± {r['success_std']:.3f} "
+                  f"(worst {min(x['success'] for x in r['runs']):.3f}) | held-out combos {r['heldout_success']:.3f} ± "
+                  f"{r['heldout_success_std']:.3f} (worst {min(x['heldout_success'] for x in r['runs']):.3f})")
     out = results[0] if len(results) == 1 else {"compare": results}
     with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"scripted expert on the same seeds: {expert_ok:.2f}; wrote {s['out_dir']}/")
+    print(f"scripted expert on the same seeds: {expert_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
     return out
 
 
