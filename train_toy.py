@@ -90,6 +90,8 @@ def parse_args(argv):
             raise SystemExit(f"error: unknown setting {key!r}; valid: {', '.join(defaults)}")
         given[key] = _cast(key, val if eq else "true", defaults[key])
     s = {**SETTINGS, **(QUICK if given.get("quick") else {}), **{k: v for k, v in given.items() if k in SETTINGS}}
+    if s["seeds"] < 1:
+        raise SystemExit(f"error: --seeds must be >= 1, got {s['seeds']}")
     try:
         cfg = kivla.Config(**{k: v for k, v in given.items() if k in cfg_fields})
     except ValueError as e:
@@ -258,7 +260,8 @@ def latency(model, obs, num_steps):
 
 
 def draw_curves(history, path, size=(760, 320)):
-    """Left: CE and flow loss (log scale, moving average of 10 logs); right: success vs step."""
+    """Left: CE and flow loss (log scale, moving average of 10 logs); right: success, teacher-forced FAST
+    token accuracy and first-action error on held-out states vs step."""
     img = Image.new("RGB", size, "white")
     dr = ImageDraw.Draw(img)
     W, H, L, T, B = size[0] // 2, size[1], 42, 24, 28  # panel width, height, left/top/bottom margins
@@ -272,7 +275,8 @@ def draw_curves(history, path, size=(760, 320)):
         return [r["step"] for r in tr][k - 1:], np.convolve([max(r[key], 1e-4) for r in tr], np.ones(k) / k, "valid")
 
     series = [[("ce_loss", (200, 60, 40), *smooth("ce_loss")), ("flow_loss", (40, 90, 200), *smooth("flow_loss"))],
-              [("success", (30, 150, 60), [r["step"] for r in ev], [r["success"] for r in ev])]]
+              [(k, c, [r["step"] for r in ev if np.isfinite(r[k])], [min(r[k], 1.0) for r in ev if np.isfinite(r[k])])
+               for k, c in (("success", (30, 150, 60)), ("fast_token_acc", (200, 60, 40)), ("first_action_mse", (40, 90, 200)))]]
     for p, panel in enumerate(series):
         x0, log = p * W, p == 0
         vals = np.concatenate([np.log10(v) if log else np.asarray(v, float) for _, _, _, v in panel] + [[0.0]])
@@ -283,7 +287,7 @@ def draw_curves(history, path, size=(760, 320)):
         dr.rectangle([x0 + L, T, x0 + W - 10, H - B], outline=(150, 150, 150))
         for tick in range(int(lo), int(hi) + 1) if log else (0.0, 0.5, 1.0):
             dr.text((x0 + 4, Y(tick) - 6), f"1e{tick}" if log else f"{tick:.1f}", fill="black")
-        dr.text((x0 + L, 6), "training loss (log)" if log else "success rate (eval seeds)", fill="black")
+        dr.text((x0 + L, 6), "training loss (log)" if log else "held-out: success, FAST acc, 1st-action err", fill="black")
         dr.text((x0 + W - 90, H - B + 8), f"step {xmax}", fill="black")
         for i, (name, color, steps, v) in enumerate(panel):
             ys = np.log10(v) if log else np.asarray(v, float)
@@ -292,7 +296,7 @@ def draw_curves(history, path, size=(760, 320)):
                 dr.line(pts, fill=color, width=2)
             for q in pts if not log else []:
                 dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=color)
-            dr.text((x0 + W - 90, T + 6 + 14 * i), name, fill=color)
+            dr.text((x0 + W - 120, T + 6 + 14 * i), name, fill=color)
     img.save(path)
 
 
@@ -544,8 +548,6 @@ def main(argv):
         return eval_only(s)
     if s["bench"]:
         return bench(s, cfg)
-    if s["seeds"] < 1:
-        raise SystemExit(f"error: --seeds must be >= 1, got {s['seeds']}")
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
     # 1) demonstrations (+ a few held-out expert episodes for the diagnostics)
