@@ -472,6 +472,7 @@ class Config:
     d_model: int = 64           # backbone width (Gemma analog)
     n_layer: int = 4            # shared by backbone and action expert (attention is mixed per layer)
     n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
+    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention (Gemma 2B: 1)
     head_dim: int = 16
     expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
     text_len: int = 12          # Tt, words of instruction / question (padded)
@@ -481,6 +482,8 @@ class Config:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.flow_samples < 1:
             raise ValueError(f"flow_samples must be >= 1, got {self.flow_samples}")
         if not self.flow_weight >= 0:
@@ -553,11 +556,12 @@ class Block(nn.Module):
     ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
     (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
 
-    def __init__(self, width, n_head, head_dim, cond_dim=0):
+    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0):
         super().__init__()
-        self.n_head, self.head_dim = n_head, head_dim
+        self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
+        assert n_head % self.n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}"
         self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
-        self.qkv = nn.Linear(width, 3 * n_head * head_dim, bias=False)
+        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)  # [q | k | v] rows
         self.proj = nn.Linear(n_head * head_dim, width, bias=False)
         self.fc_gate = nn.Linear(width, 4 * width, bias=False)
         self.fc_up = nn.Linear(width, 4 * width, bias=False)
@@ -566,7 +570,7 @@ class Block(nn.Module):
         self.ada = nn.Linear(cond_dim, 6 * width) if cond_dim else None
 
     def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
-        """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nh, T, hs).
+        """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nkv, T, hs).
         rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
         past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
         mask: bool (B, 1, T, Tpast + T), True = may attend."""
@@ -577,9 +581,14 @@ class Block(nn.Module):
             s1, b1, g1, s2, b2, g2 = [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]  # (B, 1, W) each
             s1, g1, s2, g2 = 1 + s1, 1 + g1, 1 + s2, 1 + g2
         h = self.norm1(x) * s1 + b1
-        qkv = self.qkv(h).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        q, k, v = (*rope(qkv[:2], *rot), qkv[2]) if rot is not None else qkv  # RoPE on queries and keys at once
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(h).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs), 2x (B, nkv, T, hs)
+        if rot is not None:
+            q, k = rope(q, *rot), rope(k, *rot)
         kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        if nkv < nh:  # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head)
+            kk, vv = kk.repeat_interleave(nh // nkv, 1), vv.repeat_interleave(nh // nkv, 1)
         a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
         x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, T, -1))
         h = self.norm2(x) * s2 + b2
@@ -653,7 +662,8 @@ class Backbone(nn.Module):
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
@@ -661,7 +671,7 @@ class Backbone(nn.Module):
     def forward(self, x, pos, mask, cache=None):
         """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
         computed by the caller only where needed: the vocabulary projection is the costliest matmul),
-        per-layer [(k, v)] incl. the cache, each (B, nh, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
+        per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
         kv, rot = [], rope_angles(pos, self.blocks[0].head_dim)
         for i, blk in enumerate(self.blocks):
             x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
@@ -686,7 +696,8 @@ class ActionExpert(nn.Module):
         w = cfg.expert_width
         self.in_proj = nn.Linear(cfg.action_dim, w)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(w)
         self.out_proj = nn.Linear(w, cfg.action_dim)
 
@@ -698,7 +709,7 @@ class ActionExpert(nn.Module):
         return torch.cat([ang.sin(), ang.cos()], -1)
 
     def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
-        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nh, Tp, hs), prefix_valid (B, Tp),
+        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs), prefix_valid (B, Tp),
         pos (H,) -> predicted velocity (B, H, A)."""
         B, H, _ = x_tau.shape
         x = self.in_proj(x_tau)  # (B, H, W)
@@ -813,7 +824,7 @@ class KIVLA(nn.Module):
 
     def backbone_prefix_kv(self, batch):
         """THE interface between the VLM and the action expert (swap a real VLM in here).
-        Returns per-layer [(k, v)] over the prefix, each (B, n_head, Tp, head_dim) with RoPE applied at
+        Returns per-layer [(k, v)] over the prefix, each (B, n_kv_head, Tp, head_dim) with RoPE applied at
         positions 0..Tp-1, and prefix_valid (B, Tp). Any model that returns past_key_values with the
         expert's layer count, head count and head size can sit behind it."""
         x, valid = self._prefix_embeddings(batch)

@@ -354,6 +354,30 @@ def test_ar_decoding_with_cache_equals_without(demo):
     assert torch.allclose(a, b, atol=1e-6) and torch.equal(va, vb)
 
 
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads(demo):
+    """n_kv_head=1 (Gemma 2B's layout) is multi-head attention whose key/value heads are all one head:
+    copying the single k/v head into every head of an MHA model gives the same flow loss and samples."""
+    obs, chunks, tok = demo
+    nh, hs = TINY["n_head"], TINY["head_dim"]
+    gqa, mha = tiny(tok, n_kv_head=1).eval(), tiny(tok).eval()
+    sd = gqa.state_dict()
+    for name, w in sd.items():
+        if name.endswith("qkv.weight") and w.shape != mha.state_dict()[name].shape:
+            q, k, v = w.split([nh * hs, hs, hs])
+            sd[name] = torch.cat([q, k.repeat(nh, 1), v.repeat(nh, 1)])
+    mha.load_state_dict(sd)
+    batch = gqa.make_batch(obs, chunks)
+    kv, valid = gqa.backbone_prefix_kv(batch)
+    assert kv[0][0].shape == (len(obs), 1, valid.shape[1], hs), "the cache holds one key/value head"
+    noise, time = fixed(batch)
+    assert gqa.compute_loss(batch, noise, time)[1] == pytest.approx(mha.compute_loss(batch, noise, time)[1], rel=1e-5)
+    assert torch.allclose(gqa.sample_actions(batch, 3, noise), mha.sample_actions(batch, 3, noise), atol=1e-5)
+    g = flow_only_grads(tiny(tok, n_kv_head=1), batch)  # insulation holds with grouped heads too
+    assert all(is_zero(v) for n, v in g.items() if n.startswith(("vit.", "backbone.")))
+    with pytest.raises(ValueError, match="n_kv_head"):
+        kivla.Config(n_head=4, n_kv_head=3)
+
+
 def test_variants_losses(demo):
     obs, chunks, tok = demo
     m = tiny(tok, "fast")
