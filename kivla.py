@@ -210,6 +210,33 @@ class FASTTokenizer:
         return tok
 
 
+class QuantileNorm:
+    """Invertible per-dimension normalisation (openpi, FAST [4]): the 1st..99th percentile of the training
+    data maps to [-1, 1]. Real robot actions and states are not in [-1, 1] (the toy's are, so the toy
+    runs without one). Nothing is clipped here, so `inverse` undoes it exactly; FAST clips what falls outside.
+    A constant dimension is only shifted."""
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)  # (D,) each
+        self.scale = np.where(self.hi - self.lo > 1e-8, (self.hi - self.lo) / 2, 1.0)
+
+    @classmethod
+    def fit(cls, x, q=0.01):
+        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])  # (N, D): every time step of every chunk
+        if not np.all(np.isfinite(x)):
+            raise ValueError("QuantileNorm.fit: data contains NaN or inf")
+        return cls(np.quantile(x, q, axis=0), np.quantile(x, 1 - q, axis=0))
+
+    def __call__(self, x):
+        return ((np.asarray(x, np.float64) - (self.lo + self.hi) / 2) / self.scale).astype(np.float32)
+
+    def inverse(self, y):
+        return (np.asarray(y, np.float64) * self.scale + (self.lo + self.hi) / 2).astype(np.float32)
+
+    def state_dict(self):
+        return {"lo": self.lo.tolist(), "hi": self.hi.tolist()}
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Toy environment: push the <colour> block to the <corner> corner (a gymnasium env)
 # ------------------------------------------------------------------------------------------------
@@ -742,12 +769,16 @@ BATCH_KEYS = """
 class KIVLA(nn.Module):
     __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
 
-    def __init__(self, cfg, fast_tokenizer):
+    def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None):
+        """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data already
+        lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies them, the
+        samplers undo the action one, checkpoints store both."""
         super().__init__()
         assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
             f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
             f"({cfg.action_horizon}, {cfg.action_dim})")
         self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
+        self.action_norm, self.state_norm = action_norm, state_norm
         self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
         self.vit = ViT(cfg, self.vocab.state_offset)  # FiLM reads word ids only
         self.backbone = Backbone(cfg, self.vocab.size)
@@ -783,6 +814,7 @@ class KIVLA(nn.Module):
             actions = np.asarray(actions, dtype=np.float32)
             if actions.shape != (B, cfg.action_horizon, cfg.action_dim):
                 raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), got {actions.shape}")
+            actions = self.action_norm(actions) if self.action_norm else actions  # -> about [-1, 1]
         out = {"image": np.stack([o["image"] for o in observations]),
                "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, 2), np.int64),
                "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
@@ -795,7 +827,8 @@ class KIVLA(nn.Module):
             if len(words) > Tt:
                 raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: {o['instruction']!r}")
             out["text"][i, :len(words)] = words
-            out["state"][i] = vocab.state(o["state"])
+            xy = o["state"] if self.state_norm is None else (self.state_norm(o["state"]) + 1) / 2  # -> about [0, 1]
+            out["state"][i] = vocab.state(xy)
             seq = []
             if "answer" in o:  # VQA row: "Answer:" answer... "|"
                 ans = o["answer"]
@@ -906,7 +939,12 @@ class KIVLA(nn.Module):
         for i in range(num_steps):
             tau = torch.full((B,), 1.0 + i * dt, device=self.device)
             x = x + dt * self._expert(x, tau, kv, valid).float()
-        return x
+        return self._unnormalize(x)
+
+    def _unnormalize(self, actions):
+        if self.action_norm is None:
+            return actions
+        return torch.from_numpy(self.action_norm.inverse(actions.cpu().numpy())).to(actions.device)
 
     @torch.no_grad()
     def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
@@ -949,7 +987,7 @@ class KIVLA(nn.Module):
             a, ok = self.fast_tokenizer.decode(ids, return_valid=True)
             acts.append(a)
             oks.append(ok and ended)
-        return torch.from_numpy(np.stack(acts)), torch.tensor(oks)
+        return self._unnormalize(torch.from_numpy(np.stack(acts))), torch.tensor(oks)
 
     @torch.no_grad()
     def predict_actions(self, batch, num_steps=10):
@@ -960,13 +998,15 @@ class KIVLA(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path, **extra):
+        norms = {k: n.state_dict() for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
         torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
-                    "fast_tokenizer": self.fast_tokenizer.state_dict(), **extra}, path)
+                    "fast_tokenizer": self.fast_tokenizer.state_dict(), **norms, **extra}, path)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **overrides):
         """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True)."""
         ck = torch.load(path, map_location=device, weights_only=True)
-        model = cls(Config(**{**ck["config"], **overrides}), FASTTokenizer.from_state_dict(ck["fast_tokenizer"]))
+        norms = {k: QuantileNorm(**ck[k]) for k in ("action_norm", "state_norm") if k in ck}
+        model = cls(Config(**{**ck["config"], **overrides}), FASTTokenizer.from_state_dict(ck["fast_tokenizer"]), **norms)
         model.load_state_dict(ck["model"])
         return model.to(device).eval()

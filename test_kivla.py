@@ -378,6 +378,34 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads(demo):
         kivla.Config(n_head=4, n_kv_head=3)
 
 
+def test_quantile_normalisation_is_invertible_and_travels_with_the_checkpoint(demo, tmp_path):
+    """Robot data far outside [-1, 1]: make_batch normalises it, the samplers return the original units."""
+    obs, chunks, tok = demo
+    wide = chunks * np.array([40.0, 0.5]) + np.array([100.0, -3.0])  # (N, H, 2): [60, 140] and [-3.5, -2.5]
+    norm = kivla.QuantileNorm.fit(wide)
+    z = norm(wide).reshape(-1, 2)
+    assert np.allclose(np.quantile(z, [0.01, 0.99], axis=0), [[-1, -1], [1, 1]], atol=1e-5)
+    assert np.allclose(norm.inverse(norm(wide)), wide, atol=1e-4)
+    far = [dict(o, state=o["state"] * 300 + 20) for o in obs]  # states in [20, 320]
+    snorm = kivla.QuantileNorm.fit([o["state"] for o in far])
+    m = kivla.KIVLA(kivla.Config(**TINY), tok, action_norm=norm, state_norm=snorm).eval()
+    plain = kivla.KIVLA(kivla.Config(**TINY), tok).eval()
+    plain.load_state_dict(m.state_dict())
+    batch = m.make_batch(far, wide)
+    r = batch["has_actions"]  # the demo fixture's VQA rows carry no actions
+    assert r.sum() == 6 and torch.allclose(batch["actions"][r], torch.from_numpy(norm(wide))[r])
+    assert (batch["state"] - m.vocab.state_offset).float().std() > 20, "states spread over the bins, not clipped"
+    noise = torch.randn(len(obs), 10, 2)
+    a = m.sample_actions(batch, 3, noise)
+    assert torch.allclose(a, torch.from_numpy(norm.inverse(plain.sample_actions(batch, 3, noise).numpy())))
+    m.save(tmp_path / "n.pt")
+    m2 = kivla.KIVLA.from_checkpoint(tmp_path / "n.pt")
+    assert np.allclose(m2.action_norm.lo, norm.lo) and np.allclose(m2.state_norm.hi, snorm.hi)
+    assert torch.equal(m2.sample_actions(m2.make_batch(far), 3, noise), m.sample_actions(m.make_batch(far), 3, noise))
+    with pytest.raises(ValueError, match="NaN"):
+        kivla.QuantileNorm.fit(np.full((4, 2), np.nan))
+
+
 def test_variants_losses(demo):
     obs, chunks, tok = demo
     m = tiny(tok, "fast")
