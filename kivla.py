@@ -32,8 +32,8 @@ Token layout (one row of a batch)
     attends to [prefix of the backbone] + [itself, bidirectional]; never to the suffix.
 
 Deliberately not here: a real pre-trained VLM (see `backbone_prefix_kv` for the one boundary a
-HuggingFace model would sit behind), multiple cameras, action normalisation statistics (the toy's
-velocity actions already live in [-1, 1]), distributed training, real-robot I/O.
+HuggingFace model would sit behind), multiple cameras, distributed training, real-robot I/O.
+(`QuantileNorm` is here for data outside [-1, 1]; the toy's velocity actions need none.)
 """
 
 import math
