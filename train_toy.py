@@ -9,11 +9,12 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   6. outputs in --out_dir: ckpt.pt, pretrained.pt, metrics.json, curves.png, rollouts.gif
 
   python train_toy.py                                  # default run (see README for time and numbers)
+  python train_toy.py --seeds=3                        # 3 robot-training seeds from one pretraining: mean ± std
   python train_toy.py --quick                          # the whole pipeline in about a minute
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
   python train_toy.py --compare --init_from=out/pretrained.pt    # all four variants, one table
   python train_toy.py --eval_only --init_from=out/ckpt.pt --instruction="push the blue block to the top right corner"
-  python train_toy.py --bench [--init_from=out/ckpt.pt]          # FAST compression, env speed, flow vs AR latency
+  python train_toy.py --bench [--init_from=out/ckpt.pt]          # training steps/s vs matmul, FAST, env, flow vs AR
 """
 
 import copy
@@ -42,7 +43,7 @@ SETTINGS = dict(
     compare=False,          # train every variant (ki, joint, pi0, fast) from the same pretraining, one table
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
-    bench=False,            # print the benchmarks (FAST compression, env speed, flow vs AR latency) and exit
+    bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
@@ -51,7 +52,7 @@ SETTINGS = dict(
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
     pretrain_steps=1500,    # toy VLM pretraining steps (VQA only)
-    train_steps=4000,       # robot training steps
+    train_steps=5000,       # robot training steps
     batch_size=64,
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
     lr=3e-3,                # robot training
@@ -63,7 +64,7 @@ SETTINGS = dict(
     ema=0.998,              # EMA of the weights, used for evaluation
     eval_interval=1000,     # steps between quick evaluations (for the curve)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
-    replan=5,               # execute the first `replan` of H actions, then re-plan
+    replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
     gif_episodes=4,
 )
@@ -296,7 +297,8 @@ def draw_curves(history, path, size=(760, 320)):
                 dr.line(pts, fill=color, width=2)
             for q in pts if not log else []:
                 dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=color)
-            dr.text((x0 + W - 120, T + 6 + 14 * i), name, fill=color)
+            legend = (x0 + W - 120, T + 6 + (14 * i if log else 0.3 * (H - T - B) + 14 * i))  # rates: mid-height
+            dr.text(legend, name, fill=color)
     img.save(path)
 
 
