@@ -531,9 +531,9 @@ SPREAD = ("success", "heldout_success", "vqa_acc_after", "fast_token_acc", "firs
 
 def summarize(runs):
     """Per-seed metrics -> one dict: the mean of every number, the std of the headline ones, every run."""
-    out = {k: v for k, v in runs[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
-    for k, v in runs[0].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+    out = {k: v for k, v in runs[0].items() if k != "seed"}  # settings shared by every run stay as they are
+    for k, v in out.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and len({r[k] for r in runs}) > 1:
             out[k] = float(np.mean([r[k] for r in runs]))
     out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in SPREAD})
     out.update(seeds=[r["seed"] for r in runs], n_seeds=len(runs), runs=runs)
