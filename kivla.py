@@ -562,7 +562,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(pos, head_dim):
-    """Rotary position embedding [RoFormer] angles for integer positions (T,) -> cos, sin, each (T, hs/2).
+    """Rotary position embedding (RoFormer, Su et al. 2021) angles for integer positions (T,) -> cos, sin, each (T, hs/2).
     Computed once per forward pass and shared by every layer."""
     half = head_dim // 2
     freqs = 1.0 / (10000.0 ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
