@@ -16,7 +16,7 @@ References
   [5] Lipman et al. 2023, "Flow Matching for Generative Modeling" (the flow loss).
 
 Notation
-  B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens (= Ti + Tt + 2),
+  B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens (= Ti + Tt + state_dim),
   Ts suffix tokens (FAST or VQA-answer tokens), H action horizon, A action dim, D model width,
   nh heads, hs head size, L layers, tau flow time (1 = pure noise, 0 = clean actions).
 
@@ -31,14 +31,15 @@ Token layout (one row of a batch)
   [ noisy action chunk x_tau (H) ]                                                 <- action_expert
     attends to [prefix of the backbone] + [itself, bidirectional]; never to the suffix.
 
-Deliberately not here: a real pre-trained VLM (see `backbone_prefix_kv` for the one boundary a
-HuggingFace model would sit behind), multiple cameras, distributed training, real-robot I/O.
-(`QuantileNorm` is here for data outside [-1, 1]; the toy's velocity actions need none.)
+The VLM is swappable: `Backbone` (the toy) and `HFBackbone` (a HuggingFace PaliGemma, section 11, optional
+`transformers`) implement one small interface, and nothing else looks inside either. `QuantileNorm` is
+here for real robot data outside [-1, 1]; the toy's velocity actions need none.
+Deliberately not here: multiple cameras, real-robot I/O. (Distributed training: train_toy.py, torchrun.)
 """
 
 import math
 import string
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 
 import numpy as np
 import gymnasium
@@ -448,21 +449,37 @@ WORDS = sorted(set(" ".join([INSTRUCTION, "where is the which corner nearest wha
 class Vocab:
     """Word-level text tokens + discretised state + FAST ids, mapped into one id space.
 
-    ids: [specials][words][state bins 0..255][FAST 0..V-1]. The FAST ids sit at the end of the table,
-    as openpi maps FAST into the last ids of PaliGemma's vocabulary.
+    The toy's own table (size=None): [specials][words][state bins 0..255][FAST 0..V-1].
+    Inside a real VLM's vocabulary of `size` ids (HFBackbone): words keep the low ids (or come from the VLM's
+    own `tokenizer`), and [state bins]["Action:" "Answer:" "|"][FAST] sit just below the last `reserved` ids:
+    openpi puts FAST into the last ids of PaliGemma's vocabulary but skips its final 128 (special tokens,
+    the image token among them), so no special token is ever overwritten.
     """
 
-    def __init__(self, fast_vocab_size, state_bins=256):
+    def __init__(self, fast_vocab_size, state_bins=256, size=None, tokenizer=None, reserved=128):
         self.itos = SPECIALS + WORDS
         self.stoi = {w: i for i, w in enumerate(self.itos)}
-        self.state_offset = len(self.itos)
-        self.state_bins = state_bins
-        self.fast_offset = self.state_offset + state_bins
-        self.size = self.fast_offset + fast_vocab_size
-        self.pad, self.unk, self.action, self.answer, self.eos = range(5)
+        self.state_bins, self.tokenizer = state_bins, tokenizer
+        if size is None:
+            self.state_offset = len(self.itos)
+            self.fast_offset = self.state_offset + state_bins
+            self.size = self.fast_offset + fast_vocab_size
+            self.pad, self.unk, self.action, self.answer, self.eos = range(5)
+            return
+        self.size, self.fast_offset = size, size - reserved - fast_vocab_size
+        self.action, self.answer, self.eos = range(self.fast_offset - 3, self.fast_offset)
+        self.state_offset = self.action - state_bins
+        # a real tokenizer's rarest ids get repurposed, as openpi does; the toy words must all fit below
+        self.pad, self.unk = (0, 1) if tokenizer is None else (tokenizer.pad_token_id, tokenizer.unk_token_id)
+        if tokenizer is None and len(self.itos) > self.state_offset:
+            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(self.itos)} words + {state_bins} state bins + 3 "
+                             f"markers + {fast_vocab_size} FAST ids + {reserved} reserved ids")
 
     def words(self, text):
-        """-> (ids, unknown_words). Unknown words become <unk> and are reported, never dropped."""
+        """-> (ids, unknown_words). Unknown words become <unk> and are reported, never dropped.
+        With a real tokenizer: its subword ids, nothing unknown."""
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text, add_special_tokens=False), []
         toks = text.lower().split()
         return [self.stoi.get(w, self.unk) for w in toks], [w for w in toks if w not in self.stoi]
 
@@ -501,9 +518,11 @@ class Config:
     n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
     n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention (Gemma 2B: 1)
     head_dim: int = 16
+    rope_theta: float = 10000.0  # RoPE base (a real VLM's expert takes its VLM's)
     expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
     text_len: int = 12          # Tt, words of instruction / question (padded)
     state_bins: int = 256       # pi0.5: proprioception as discrete tokens
+    state_dim: int = 2          # Ds, proprioception numbers per step (the toy: pusher x, y), one token each
     flow_samples: int = 1       # (noise, tau) draws per robot row in the flow loss, sharing one prefix pass
 
     def __post_init__(self):
@@ -540,7 +559,7 @@ class Config:
 
     @property
     def prefix_len(self):
-        return self.n_image_tokens + self.text_len + 2  # Tp: image | text | state (x, y)
+        return self.n_image_tokens + self.text_len + self.state_dim  # Tp: image | text | state
 
     @property
     def suffix_len(self):
@@ -561,11 +580,11 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
-def rope_angles(pos, head_dim):
+def rope_angles(pos, head_dim, theta=10000.0):
     """Rotary position embedding (RoFormer, Su et al. 2021) angles for integer positions (T,) -> cos, sin, each (T, hs/2).
-    Computed once per forward pass and shared by every layer."""
+    Computed once per forward pass and shared by every layer. Same frequencies as HF Gemma's rotary embedding."""
     half = head_dim // 2
-    freqs = 1.0 / (10000.0 ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
+    freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
     ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
     return ang.cos(), ang.sin()
 
@@ -686,26 +705,52 @@ def prefix_lm_mask(prefix_valid, n_suffix):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg, vocab_size):
+    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over [prefix | suffix].
+
+    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 11) implements the
+    same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks inside either:
+      embed_prefix(batch) -> prefix embeddings (B, Tp, D), prefix_valid (B, Tp)     [image | text | state]
+      embed(ids)          -> token embeddings (B, T, D)                              (suffix tokens)
+      forward(x, pos, mask, cache=None) -> hidden (B, T, D), per-layer [(k, v)]      (HF: past_key_values)
+      lm_head(hidden)     -> logits (B, T, V)
+      n_layer, n_head, n_kv_head, head_dim, rope_theta: the shapes the action expert must match
+    """
+
+    def __init__(self, cfg, vocab):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.n_layer, self.n_head, self.n_kv_head = cfg.n_layer, cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
+        self.embed = nn.Embedding(vocab.size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head)
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
+
+    def embed_prefix(self, batch):
+        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
+        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
+        x = torch.cat([img, self.embed(batch["text"]), self.embed(batch["state"])], 1)
+        return x, prefix_valid(batch, img.shape[1])
 
     def forward(self, x, pos, mask, cache=None):
         """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
         computed by the caller only where needed: the vocabulary projection is the costliest matmul),
         per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
-        kv, rot = [], rope_angles(pos, self.blocks[0].head_dim)
+        kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
         for i, blk in enumerate(self.blocks):
             x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
             if cache is not None:
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             kv.append((k, v))
         return self.norm(x), kv
+
+
+def prefix_valid(batch, n_image_tokens):
+    """(B, Tp) bool: every image and state token is real, text padding is not."""
+    img = batch["text_valid"].new_ones(len(batch["text_valid"]), n_image_tokens)
+    return torch.cat([img, batch["text_valid"], torch.ones_like(batch["state"], dtype=torch.bool)], 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -727,6 +772,7 @@ class ActionExpert(nn.Module):
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(w)
         self.out_proj = nn.Linear(w, cfg.action_dim)
+        self.rope_theta = cfg.rope_theta
 
     def time_embedding(self, tau):
         """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4 (as in openpi)."""
@@ -743,7 +789,7 @@ class ActionExpert(nn.Module):
         cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
         # expert queries see every valid prefix key and all H action tokens (bidirectional among themselves)
         mask = torch.cat([prefix_valid, prefix_valid.new_ones(B, H)], 1)[:, None, None, :]  # (B, 1, 1, Tp + H)
-        rot = rope_angles(pos, self.blocks[0].head_dim)
+        rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
         for blk, kv in zip(self.blocks, prefix_kv):
             x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)
         return self.out_proj(self.norm(x))  # (B, H, A)
@@ -757,7 +803,7 @@ BATCH_KEYS = """
   image         uint8 (B, S, S, 3)   camera image, the only place block positions live
   text          long  (B, Tt)        instruction (robot rows) or question (VQA rows), <pad>-filled
   text_valid    bool  (B, Tt)        False at padding (hidden from attention)
-  state         long  (B, 2)         pusher (x, y) as state-bin token ids
+  state         long  (B, Ds)        proprioception as state-bin token ids (the toy: pusher x, y)
   suffix        long  (B, Ts)        backbone input after the prefix: "Action:" fast_tokens... or "Answer:" words...
   suffix_target long  (B, Ts)        next-token targets for `suffix` (ends with "|")
   suffix_loss   bool  (B, Ts)        which suffix targets get cross-entropy
@@ -769,23 +815,32 @@ BATCH_KEYS = """
 class KIVLA(nn.Module):
     __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
 
-    def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None):
+    def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None, backbone=None):
         """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data already
         lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies them, the
-        samplers undo the action one, checkpoints store both."""
+        samplers undo the action one, checkpoints store both.
+        backbone: None builds the toy VLM from cfg; or an HFBackbone (a real VLM). The action expert is then
+        built to match it (its layers, heads, key/value heads, head size and RoPE base replace cfg's)."""
         super().__init__()
         assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
             f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
             f"({cfg.action_horizon}, {cfg.action_dim})")
+        if backbone is not None:
+            cfg = replace(cfg, **{k: getattr(backbone, k) for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
         self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
         self.action_norm, self.state_norm = action_norm, state_norm
-        self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
-        self.vit = ViT(cfg, self.vocab.state_offset)  # FiLM reads word ids only
-        self.backbone = Backbone(cfg, self.vocab.size)
+        if backbone is None:
+            self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
+            self.backbone = Backbone(cfg, self.vocab)
+        else:  # our ids inside the VLM's vocabulary (text from its tokenizer if it has one)
+            self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins, size=backbone.vocab_size, tokenizer=backbone.tokenizer)
+            self.backbone = backbone
         self.action_expert = ActionExpert(cfg)
-        self.apply(self._init_weights)
-        if self.vit.film is not None:  # strong random FiLM from the start: colour words change the image
-            nn.init.normal_(self.vit.film.weight, std=0.3)  # tokens at once, which shortens the grounding plateau
+        for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
+            m.apply(self._init_weights)  # a real VLM keeps its own (pre-trained) weights
+        film = getattr(getattr(self.backbone, "vit", None), "film", None)
+        if film is not None:  # strong random FiLM from the start: colour words change the image tokens
+            nn.init.normal_(film.weight, std=0.3)  # at once, which shortens the grounding plateau
 
     @staticmethod
     def _init_weights(m):
@@ -797,11 +852,12 @@ class KIVLA(nn.Module):
             nn.init.zeros_(m.bias)
 
     def num_params(self):
-        return {n: sum(p.numel() for p in getattr(self, n).parameters()) for n in ("vit", "backbone", "action_expert")}
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"backbone (VLM)": count(self.backbone), "action_expert": count(self.action_expert)}
 
     @property
     def device(self):
-        return self.backbone.embed.weight.device
+        return self.action_expert.out_proj.weight.device
 
     # -- data -----------------------------------------------------------------------------------
     def make_batch(self, observations, actions=None):
@@ -816,7 +872,7 @@ class KIVLA(nn.Module):
                 raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), got {actions.shape}")
             actions = self.action_norm(actions) if self.action_norm else actions  # -> about [-1, 1]
         out = {"image": np.stack([o["image"] for o in observations]),
-               "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, 2), np.int64),
+               "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, cfg.state_dim), np.int64),
                "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
                "actions": np.zeros((B, cfg.action_horizon, cfg.action_dim), np.float32),
                "has_actions": np.zeros(B, bool)}
@@ -827,6 +883,8 @@ class KIVLA(nn.Module):
             if len(words) > Tt:
                 raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: {o['instruction']!r}")
             out["text"][i, :len(words)] = words
+            if np.shape(o["state"]) != (cfg.state_dim,):
+                raise ValueError(f"state must have state_dim={cfg.state_dim} numbers, got shape {np.shape(o['state'])}")
             xy = o["state"] if self.state_norm is None else (self.state_norm(o["state"]) + 1) / 2  # -> about [0, 1]
             out["state"][i] = vocab.state(xy)
             seq = []
@@ -846,28 +904,18 @@ class KIVLA(nn.Module):
         batch["suffix_loss"] = batch["suffix_target"] != vocab.pad
         return batch
 
-    # -- the backbone boundary ------------------------------------------------------------------
-    def _prefix_embeddings(self, batch):
-        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
-        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
-        x = torch.cat([img, self.backbone.embed(batch["text"]), self.backbone.embed(batch["state"])], 1)
-        valid = torch.cat([torch.ones_like(batch["state"][:, :1]).bool().expand(-1, img.shape[1]),
-                           batch["text_valid"], torch.ones_like(batch["state"], dtype=torch.bool)], 1)
-        return x, valid
-
+    # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it) ----
     def backbone_prefix_kv(self, batch):
-        """THE interface between the VLM and the action expert (swap a real VLM in here).
-        Returns per-layer [(k, v)] over the prefix, each (B, n_kv_head, Tp, head_dim) with RoPE applied at
-        positions 0..Tp-1, and prefix_valid (B, Tp). Any model that returns past_key_values with the
-        expert's layer count, head count and head size can sit behind it."""
-        x, valid = self._prefix_embeddings(batch)
+        """What the action expert reads: per-layer [(k, v)] over the prefix, each (B, n_kv_head, Tp, head_dim)
+        with RoPE applied at positions 0..Tp-1, and prefix_valid (B, Tp)."""
+        x, valid = self.backbone.embed_prefix(batch)
         _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device), prefix_lm_mask(valid, 0))
         return kv, valid
 
     def forward_vlm(self, batch):
         """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states (B, Ts, D),
         per-layer [(k, v)] over all Tp + Ts tokens, prefix_valid (B, Tp)."""
-        x, prefix_valid = self._prefix_embeddings(batch)  # (B, Tp, D)
+        x, prefix_valid = self.backbone.embed_prefix(batch)  # (B, Tp, D)
         Tp, Ts = x.shape[1], batch["suffix"].shape[1]
         x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
         h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
@@ -926,6 +974,10 @@ class KIVLA(nn.Module):
         loss = ce + cfg.flow_weight * flow
         return loss, {"loss": loss.item(), "ce_loss": ce.item(), "flow_loss": flow.item()}
 
+    def forward(self, batch, noise=None, time=None):
+        """Calling the model is its training loss, so DistributedDataParallel and torch.compile can wrap it."""
+        return self.compute_loss(batch, noise, time)
+
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_actions(self, batch, num_steps=10, noise=None):
@@ -954,7 +1006,7 @@ class KIVLA(nn.Module):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         vocab, dev = self.vocab, self.device
         max_tokens = max_tokens or self.cfg.suffix_len
-        x, valid = self._prefix_embeddings(batch)
+        x, valid = self.backbone.embed_prefix(batch)
         B, Tp = valid.shape
         act = torch.full((B, 1), vocab.action, device=dev)
         x = torch.cat([x, self.backbone.embed(act)], 1)  # (B, Tp + 1, D)
@@ -999,14 +1051,108 @@ class KIVLA(nn.Module):
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path, **extra):
         norms = {k: n.state_dict() for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
+        if isinstance(self.backbone, HFBackbone):  # enough to rebuild the VLM's architecture; weights are in "model"
+            extra["hf_backbone"] = self.backbone.architecture()
         torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
                     "fast_tokenizer": self.fast_tokenizer.state_dict(), **norms, **extra}, path)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", **overrides):
-        """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True)."""
+    def from_checkpoint(cls, path, device="cpu", tokenizer=None, **overrides):
+        """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True).
+        tokenizer: the VLM's text tokenizer, for a checkpoint trained with one (it is not stored)."""
         ck = torch.load(path, map_location=device, weights_only=True)
         norms = {k: QuantileNorm(**ck[k]) for k in ("action_norm", "state_norm") if k in ck}
-        model = cls(Config(**{**ck["config"], **overrides}), FASTTokenizer.from_state_dict(ck["fast_tokenizer"]), **norms)
+        backbone = HFBackbone.from_architecture(ck["hf_backbone"], tokenizer) if "hf_backbone" in ck else None
+        model = cls(Config(**{**ck["config"], **overrides}), FASTTokenizer.from_state_dict(ck["fast_tokenizer"]),
+                    **norms, backbone=backbone)
         model.load_state_dict(ck["model"])
         return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma), as pi0 and KI use
+# ------------------------------------------------------------------------------------------------
+# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works unchanged:
+#   hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
+#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, AutoProcessor.from_pretrained(...).tokenizer))
+
+
+class HFBackbone(nn.Module):
+    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own LM head.
+
+    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE base), and
+    reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys after RoPE, with the
+    same rotate-half convention and frequencies as `rope`, at the positions we pass (0..Tp-1 for the prefix;
+    PaliGemma's own forward counts from 1, which no relative position can tell apart).
+    """
+
+    def __init__(self, hf_model, tokenizer=None):
+        super().__init__()
+        import transformers  # noqa: F401  (the optional dependency, only here)
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ImportError(f"HFBackbone needs transformers >= 5 (found {transformers.__version__}): "
+                              "pip install -U transformers")
+        self.hf, self.tokenizer = hf_model, tokenizer
+        tc = hf_model.config.text_config
+        rope = getattr(tc, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} is not supported by the expert's rope()")
+        if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
+            raise ValueError("HFBackbone passes boolean attention masks: load the model with attn_implementation='sdpa'")
+        self.n_layer, self.n_head, self.n_kv_head = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
+        self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
+
+    def architecture(self):
+        """What from_architecture needs to rebuild this model with random weights (a checkpoint has the rest)."""
+        return {"class": type(self.hf).__name__, "config": self.hf.config.to_json_string()}
+
+    @staticmethod
+    def from_architecture(arch, tokenizer=None):
+        import json
+        import transformers
+        cls = getattr(transformers, arch["class"])
+        return HFBackbone(cls(cls.config_class.from_dict(json.loads(arch["config"]))), tokenizer)
+
+    def embed(self, ids):
+        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own scaling)."""
+        return self.hf.model.language_model.embed_tokens(ids)  # (B, T, D)
+
+    def lm_head(self, hidden):
+        return self.hf.lm_head(hidden)  # (B, T, V), tied to the embedding as in Gemma
+
+    def embed_prefix(self, batch):
+        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image tokens,
+        then [image | text | state] as the toy. Image tokens enter unscaled, as in PaliGemma's own forward."""
+        x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        img = self.hf.model.get_image_features(x.to(self.hf.dtype)).pooler_output  # (B, Ti, D)
+        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]), self.embed(batch["state"])], 1)
+        return x, prefix_valid(batch, img.shape[1])
+
+    def forward(self, x, pos, mask, cache=None):
+        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF uses a 4-D
+        mask as given), the cache as a list of per-layer (k, v), and the keys/values come back the same way."""
+        from transformers import DynamicCache
+        past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
+        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos[None],
+                                           cache=past, use_cache=True)
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
+def tiny_paligemma(cfg, fast_vocab_size):
+    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub), shaped like
+    the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with cfg's width, depth, heads
+    and head size, and Gemma 2B's single key/value head unless cfg.n_kv_head says otherwise. Its vocabulary
+    is just big enough for the toy's words, state bins, markers, FAST ids and the 128 reserved ids."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
+    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width,
+                  num_hidden_layers=cfg.vit_layers, num_attention_heads=4, image_size=cfg.image_size,
+                  patch_size=cfg.patch_size, projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
+    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1, head_dim=cfg.head_dim, vocab_size=V)
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text,
+                                                             projection_dim=cfg.d_model, image_token_index=V - 1))

@@ -14,6 +14,7 @@ import torch
 
 import kivla
 import train_toy
+from train_toy import EVAL_SEED
 
 # ------------------------------------------------------------------------------------------------
 # FAST tokenizer
@@ -252,11 +253,11 @@ def test_knowledge_insulation_blocks_flow_gradients(demo):
     ki = tiny(tok, "ki")
     batch = ki.make_batch(obs, chunks)
     g = flow_only_grads(ki, batch)
-    assert all(is_zero(v) for n, v in g.items() if n.startswith(("vit.", "backbone."))), "flow leaked into the VLM"
+    assert all(is_zero(v) for n, v in g.items() if n.startswith("backbone.")), "flow leaked into the VLM"
     assert any(not is_zero(v) for n, v in g.items() if n.startswith("action_expert."))
     joint = tiny(tok, "joint")
     g = flow_only_grads(joint, batch)
-    assert all(not is_zero(v) for n, v in g.items() if n.startswith("vit.")), "joint: every ViT weight feeds the expert"
+    assert all(not is_zero(v) for n, v in g.items() if n.startswith("backbone.vit.")), "joint: every ViT weight feeds the expert"
     for i in range(TINY["n_layer"]):  # every layer's keys/values feed the expert
         assert not is_zero(g[f"backbone.blocks.{i}.qkv.weight"])
 
@@ -308,7 +309,7 @@ def test_attention_mask_prefix_bidirectional_suffix_causal(demo):
     assert mask == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
     def logits(b):  # logits over the whole sequence, prefix positions included
-        x, valid = m._prefix_embeddings(b)
+        x, valid = m.backbone.embed_prefix(b)
         Tp, Ts = x.shape[1], b["suffix"].shape[1]
         x = torch.cat([x, m.backbone.embed(b["suffix"])], 1)
         return m.backbone.lm_head(m.backbone(x, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))[0]), Tp
@@ -373,7 +374,7 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads(demo):
     assert gqa.compute_loss(batch, noise, time)[1] == pytest.approx(mha.compute_loss(batch, noise, time)[1], rel=1e-5)
     assert torch.allclose(gqa.sample_actions(batch, 3, noise), mha.sample_actions(batch, 3, noise), atol=1e-5)
     g = flow_only_grads(tiny(tok, n_kv_head=1), batch)  # insulation holds with grouped heads too
-    assert all(is_zero(v) for n, v in g.items() if n.startswith(("vit.", "backbone.")))
+    assert all(is_zero(v) for n, v in g.items() if n.startswith("backbone."))
     with pytest.raises(ValueError, match="n_kv_head"):
         kivla.Config(n_head=4, n_kv_head=3)
 
@@ -438,6 +439,12 @@ def test_make_batch_shapes_and_errors(demo):
         m.make_batch([dict(obs[0], instruction="push " * 20)])
     ids, unknown = m.vocab.words("push the magenta block")
     assert unknown == ["magenta"] and ids[2] == m.vocab.unk
+    with pytest.raises(ValueError, match="state_dim=2"):
+        m.make_batch([dict(obs[0], state=np.zeros(3))])
+    arm = tiny(tok, state_dim=7).eval()  # a robot with 7 proprioception numbers: 7 state tokens in the prefix
+    b = arm.make_batch([dict(o, state=np.linspace(0, 1, 7)) for o in obs[:2]])
+    assert b["state"].shape == (2, 7) and arm.backbone_prefix_kv(b)[1].shape == (2, arm.cfg.prefix_len)
+    assert arm.sample_actions(b, 2).shape == (2, 10, 2)
     with pytest.raises(ValueError, match="variant"):
         kivla.Config(variant="bogus")
 
@@ -467,6 +474,130 @@ def test_checkpoint_round_trip(demo, tmp_path):
     noise = torch.randn(len(obs), 10, 2)
     assert torch.equal(m.sample_actions(batch, noise=noise), m2.sample_actions(batch, noise=noise))
     assert m2.fast_tokenizer.merges == tok.merges
+
+
+# ------------------------------------------------------------------------------------------------
+# HFBackbone: a tiny, randomly initialised HuggingFace PaliGemma behind the same interface
+# (skipped where transformers is missing; .ci/run installs it, so CI runs them)
+
+HF_SHAPES = [dict(n_layer=2, n_head=4, n_kv_head=1), dict(n_layer=3, n_head=2, n_kv_head=2)]  # Gemma-2B-like GQA, MHA
+
+
+def hf(tok, variant="ki", seed=0, n_layer=2, n_head=4, n_kv_head=1):
+    pytest.importorskip("transformers", minversion="5")
+    torch.manual_seed(seed)
+    cfg = kivla.Config(variant=variant, **{**TINY, "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv_head})
+    toy_shaped = kivla.Config(**{**TINY, "n_layer": 1, "n_head": 2, "head_dim": 8})  # the expert must not keep these
+    hf_model = kivla.tiny_paligemma(cfg, tok.vocab_size)
+    return kivla.KIVLA(toy_shaped if variant == "ki" else kivla.Config(variant=variant, **TINY), tok,
+                       backbone=kivla.HFBackbone(hf_model))
+
+
+def grads(model, batch, flow_weight):
+    model.zero_grad()
+    model.cfg.flow_weight = flow_weight
+    loss, m = model.compute_loss(batch, *fixed(batch))
+    model.cfg.flow_weight = 1.0
+    loss.backward()
+    assert m["flow_loss"] > 0
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shape", HF_SHAPES)
+def test_hf_backbone_knowledge_insulation(demo, shape):
+    """ki: adding the flow loss changes no gradient of any HF parameter (same noise and time); the CE reaches
+    every Gemma layer and the vision tower. joint: the flow loss alone reaches every layer's keys and values."""
+    obs, chunks, tok = demo
+    m = hf(tok, "ki", **shape)
+    assert (m.cfg.n_layer, m.cfg.n_head, m.cfg.n_kv_head) == (shape["n_layer"], shape["n_head"], shape["n_kv_head"])
+    batch = m.make_batch(obs, chunks)
+    with_flow, without = grads(m, batch, 1.0), grads(m, batch, 0.0)
+    hf_params = [n for n in with_flow if n.startswith("backbone.")]
+    assert len(hf_params) > 20 and all(torch.equal(with_flow[n], without[n]) for n in hf_params), "flow leaked into the VLM"
+    assert not is_zero(with_flow["action_expert.out_proj.weight"]) and is_zero(without["action_expert.out_proj.weight"])
+    for i in range(shape["n_layer"]):
+        assert not is_zero(without[f"backbone.hf.model.language_model.layers.{i}.self_attn.k_proj.weight"])
+    assert not is_zero(without["backbone.hf.model.vision_tower.embeddings.patch_embedding.weight"])
+    joint = hf(tok, "joint", **shape)
+    g = flow_only_grads(joint, batch)
+    for i in range(shape["n_layer"]):
+        for proj in ("k_proj", "v_proj"):
+            assert not is_zero(g[f"backbone.hf.model.language_model.layers.{i}.self_attn.{proj}.weight"])
+    assert not is_zero(g["backbone.hf.model.vision_tower.embeddings.patch_embedding.weight"])
+
+
+@pytest.mark.parametrize("shape", HF_SHAPES)
+def test_hf_backbone_caches_equal_recomputation_and_checkpoint_round_trip(demo, tmp_path, shape):
+    obs, chunks, tok = demo
+    m = hf(tok, "ki", **shape).eval()
+    batch = m.make_batch(obs, chunks)
+    noise = torch.randn(len(obs), 10, 2)
+    cached = m.sample_actions(batch, num_steps=4, noise=noise)
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(4):  # no cache: the whole VLM, suffix included, at every step
+            _, kv, valid = m.forward_vlm(batch)
+            kv = [(k[:, :, :valid.shape[1]], v[:, :, :valid.shape[1]]) for k, v in kv]
+            x = x - 0.25 * m._expert(x, torch.full((len(obs),), 1 - 0.25 * i), kv, valid)
+    assert torch.allclose(cached, x, atol=1e-5)
+    with torch.no_grad():  # bias the VLM towards FAST ids so decoding runs many steps
+        m.backbone.hf.model.language_model.embed_tokens.weight[:m.vocab.fast_offset] *= 0.1
+    a, va = m.generate_fast_actions(batch, max_tokens=6, use_cache=True)
+    b, vb = m.generate_fast_actions(batch, max_tokens=6, use_cache=False)
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(va, vb)
+    m.save(tmp_path / "hf.pt")  # the architecture travels with the weights: no hub, no download
+    m2 = kivla.KIVLA.from_checkpoint(tmp_path / "hf.pt")
+    assert isinstance(m2.backbone, kivla.HFBackbone) and m2.cfg == m.cfg
+    assert torch.equal(m2.sample_actions(batch, 4, noise), m.sample_actions(batch, 4, noise))
+
+
+def test_hf_backbone_ids_masks_and_rope_match_the_expert(demo):
+    """FAST ids sit below the VLM's last 128 ids (never on its image token); the prefix is bidirectional and
+    the suffix causal through HF's attention; Gemma's keys carry the same RoPE as the expert's rope()."""
+    obs, chunks, tok = demo
+    m = hf(tok, "ki").eval()
+    from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
+    V, v = m.backbone.vocab_size, m.vocab
+    assert v.fast_offset + tok.vocab_size == V - 128 and m.backbone.hf.config.image_token_id >= V - 128
+    assert len(kivla.SPECIALS + kivla.WORDS) <= v.state_offset < v.state_offset + 256 <= v.action < v.eos < v.fast_offset
+    batch = m.make_batch(obs[:2], chunks[:2])
+    assert batch["suffix"][:, 0].eq(v.action).all() and (batch["suffix"] < V - 128).all()
+
+    def hidden(b):
+        x, valid = m.backbone.embed_prefix(b)
+        Tp, Ts = x.shape[1], b["suffix"].shape[1]
+        x = torch.cat([x, m.backbone.embed(b["suffix"])], 1)
+        return m.backbone(x, torch.arange(Tp + Ts), kivla.prefix_lm_mask(valid, Ts))[0], Tp
+
+    with torch.no_grad():
+        base, Tp = hidden(batch)
+        state = batch["state"].clone()
+        state[:, 1] = v.state_offset + (state[:, 1] - v.state_offset + 50) % 256
+        assert not torch.allclose(base[:, 0], hidden(dict(batch, state=state))[0][:, 0]), "prefix is bidirectional"
+        suffix = batch["suffix"].clone()
+        suffix[:, 3] = v.fast_offset + 1
+        other, _ = hidden(dict(batch, suffix=suffix))
+    assert torch.allclose(base[:, :Tp + 3], other[:, :Tp + 3], atol=1e-6), "FAST tokens are causal"
+    pos, hs = torch.arange(40), m.cfg.head_dim
+    cos, sin = m.backbone.hf.model.language_model.rotary_emb(torch.zeros(1, 40, hs), pos[None])  # (1, T, hs)
+    q = torch.randn(1, 2, 40, hs)
+    assert torch.allclose(apply_rotary_pos_emb(q, q, cos, sin)[0], kivla.rope(q, *kivla.rope_angles(pos, hs, m.cfg.rope_theta)), atol=1e-5)
+
+
+def test_hf_backbone_overfits_a_handful_of_samples(demo):
+    obs, chunks, tok = demo
+    m = hf(tok, "ki")
+    batch = m.make_batch(obs, chunks)
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
+    noise, time = fixed(batch)
+    first = m.compute_loss(batch, noise, time)[1]
+    for step in range(100):
+        loss, _ = m(batch)  # calling the model = its training loss (what DDP and torch.compile wrap)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = m.compute_loss(batch, noise, time)[1]
+    assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,6 +651,44 @@ def test_quick_pipeline_is_deterministic_reports_seeds_and_checkpoint_reloads(tm
     assert (tmp_path / "try" / "try.gif").stat().st_size > 0
 
 
+def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
+    """torchrun + DistributedDataParallel (gloo, 2 CPU processes) on the whole --backbone=hf-tiny pipeline (VQA
+    pretraining, KI training, evaluation with a tiny random PaliGemma). Each rank draws half the batch; train()
+    checks bit for bit that both ranks end with the same parameters; only rank 0 prints and writes outputs.
+    The checkpoint rebuilds the HF model from its stored architecture (no hub, no download)."""
+    pytest.importorskip("transformers", minversion="5")
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_toy.py",
+                        *TINY_RUN, "--backbone=hf-tiny", f"--out_dir={out}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("DDP: parameters identical on all 2 ranks") == 2  # after pretraining and robot training
+    assert r.stdout.count("ki    seed 0 | success") == 1 and r.stdout.count("parameters: backbone") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "history.json", "metrics.json",
+                                                     "pretrained.pt", "rollouts.gif"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["success"] <= 1 and np.isfinite(m["first_action_mse"]) and 0 <= m["fast_token_acc"] <= 1
+    ck = kivla.KIVLA.from_checkpoint(out / "ckpt.pt")  # what --eval_only loads
+    assert isinstance(ck.backbone, kivla.HFBackbone) and ck.cfg.n_kv_head == 1  # Gemma 2B's layout
+    assert 0 <= train_toy.rollouts(ck, "train", [EVAL_SEED], 10, 3)[0].mean() <= 1
+    with pytest.raises(SystemExit, match="VLM weights do not fit"):  # HF weights into the toy VLM: refused
+        train_toy.main(TINY_RUN + [f"--init_from={out / 'pretrained.pt'}", f"--out_dir={tmp_path / 'x'}"])
+
+
+def test_scale_gpu_setting_has_the_promised_shapes_and_trains_on_cpu():
+    s, cfg = train_toy.parse_args(["--scale=gpu", "--batch_size=4", "--compile=false"])
+    assert s["batch_size"] == 4 and not s["compile"] and train_toy.parse_args(["--scale=gpu"])[0]["batch_size"] == 256
+    assert cfg.n_image_tokens == 64 and cfg.d_model == 256 and cfg.n_layer == 6
+    obs, chunks, _, _ = train_toy.collect_demos(2, cfg.action_horizon, 0.3, seed=0)
+    tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)
+    m = kivla.KIVLA(cfg, tok)
+    s.update(device="cpu", rank=0, world=1)
+    robot, vqa = m.make_batch(obs, chunks), m.make_batch(train_toy.make_vqa_set(8, seed=0))
+    before = m.backbone.blocks[0].qkv.weight.clone()
+    ema = train_toy.train(m, s, robot, vqa, 2, s["vqa_frac"], "gpu-scale shapes")
+    kv, valid = ema.backbone_prefix_kv(m.make_batch(obs[:2]))
+    assert kv[0][0].shape == (2, 8, 64 + cfg.text_len + 2, 32) and not torch.equal(before, m.backbone.blocks[0].qkv.weight)
+
+
 def test_demos_never_contain_heldout_combinations():
     _, chunks, tasks, rate = train_toy.collect_demos(30, 10, 0.3, seed=0)
     assert not set(tasks) & set(kivla.HELDOUT_TASKS) and rate >= 0.95
@@ -528,7 +697,7 @@ def test_demos_never_contain_heldout_combinations():
 
 @pytest.mark.parametrize("arg,msg", [("--no_such_key=3", "no_such_key"), ("--variant=bogus", "variant"),
                                      ("--batch_size=abc", "batch_size"), ("--quick=maybe", "quick"),
-                                     ("--seeds=0", "seeds")])
+                                     ("--seeds=0", "seeds"), ("--backbone=llama", "backbone")])
 def test_bad_cli_input(arg, msg):
     with pytest.raises(SystemExit) as e:
         train_toy.parse_args([arg])

@@ -17,7 +17,9 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   python train_toy.py --bench [--init_from=out/ckpt.pt]          # training steps/s vs matmul, FAST, env, flow vs AR
 """
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -44,6 +46,9 @@ SETTINGS = dict(
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
     bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
+    backbone="toy",         # toy: the from-scratch toy VLM | hf-tiny: a tiny random HuggingFace PaliGemma (transformers)
+    scale="cpu",            # cpu: the toy sizes | gpu: sized for one GPU (more image tokens, wider, bigger batch, compile)
+    compile=False,          # torch.compile the training loss (falls back to eager, with a message, if it fails)
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
@@ -70,6 +75,11 @@ SETTINGS = dict(
 )
 QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
              eval_episodes=16, gif_episodes=2, warmup_steps=10)
+# --scale=gpu: one GPU's worth (untested on a GPU by the README's numbers unless it says otherwise): 64 image
+# tokens instead of 16, a 4x wider backbone, 4x the batch, torch.compile. --quick still shrinks the schedule.
+SCALE_GPU = dict(batch_size=256, compile=True, patch_size=8, vit_width=128, vit_layers=4, d_model=256, n_layer=6,
+                 n_head=8, head_dim=32, expert_width=128)
+CHOICES = dict(backbone=("toy", "hf-tiny"), scale=("cpu", "gpu"))
 EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000  # never trained on
 
 
@@ -90,7 +100,12 @@ def parse_args(argv):
         if key not in defaults:
             raise SystemExit(f"error: unknown setting {key!r}; valid: {', '.join(defaults)}")
         given[key] = _cast(key, val if eq else "true", defaults[key])
-    s = {**SETTINGS, **(QUICK if given.get("quick") else {}), **{k: v for k, v in given.items() if k in SETTINGS}}
+    for k, options in CHOICES.items():
+        if k in given and given[k] not in options:
+            raise SystemExit(f"error: --{k} must be one of {', '.join(options)}, got {given[k]!r}")
+    # defaults < --quick < --scale=gpu < what was given
+    given = {**(QUICK if given.get("quick") else {}), **(SCALE_GPU if given.get("scale") == "gpu" else {}), **given}
+    s = {**SETTINGS, **{k: v for k, v in given.items() if k in SETTINGS}}
     if s["seeds"] < 1:
         raise SystemExit(f"error: --seeds must be >= 1, got {s['seeds']}")
     try:
@@ -331,20 +346,55 @@ def lr_at(step, s):
     return s["lr"] * (s["min_lr_frac"] + (1 - s["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def loss_fn(model, s, all_used):
+    """The training loss to call: the model itself, wrapped in DistributedDataParallel under torchrun (gradients
+    are averaged over ranks inside backward) and in torch.compile with --compile (eager if that fails)."""
+    net = model
+    if s["world"] > 1:  # the expert gets no gradient in VLM pretraining (no robot rows) or in `fast`
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not all_used)
+    if not s["compile"]:
+        return net
+    compiled = torch.compile(net)
+
+    def call(batch):
+        nonlocal compiled
+        if compiled is not net:
+            try:
+                return compiled(batch)
+            except Exception as e:  # e.g. no C++ compiler on this machine
+                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
+                compiled = net
+        return net(batch)
+    return call
+
+
+def check_ranks_in_sync(model, s):
+    """DDP keeps every rank's parameters identical; check it bit for bit at the end of training."""
+    flat = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
+    everyone = [torch.zeros_like(flat) for _ in range(s["world"])]
+    torch.distributed.all_gather(everyone, flat)
+    if not all(torch.equal(everyone[0], x) for x in everyone):
+        raise RuntimeError("DDP: ranks ended with different parameters")
+    if s["rank"] == 0:
+        print(f"DDP: parameters identical on all {s['world']} ranks")
+
+
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
     """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: batches (dicts of tensors) to sample from.
-    Returns the EMA model (used for evaluation)."""
-    dev, g = model.device, torch.Generator().manual_seed(s["seed"])
+    Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (used for evaluation)."""
+    dev, g = model.device, torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=s["lr"], betas=(0.9, 0.95),
                             fused=dev.type in ("cpu", "cuda"))  # one kernel per tensor: 8x less optimizer time on CPU
-    ema = copy.deepcopy(model).eval()
-    n_vqa = round(s["batch_size"] * vqa_frac) if robot is not None else s["batch_size"]
-    n_rob = s["batch_size"] - n_vqa
+    bs = s["batch_size"] // s["world"]
+    n_vqa = round(bs * vqa_frac) if robot is not None else bs
+    n_rob = bs - n_vqa
+    net = loss_fn(model, s, n_rob > 0 and model.cfg.use_flow)  # DDP first copies rank 0's weights to every rank,
+    ema = copy.deepcopy(model).eval()  # so the EMA copy comes after it
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"])
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=s["rank"] > 0)
     for step in bar:
         parts = [index(robot, torch.randint(len(robot["text"]), (n_rob,), generator=g))] if n_rob else []
         parts += [index(vqa, torch.randint(len(vqa["text"]), (n_vqa,), generator=g))] if n_vqa else []
@@ -353,7 +403,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             group["lr"] = lr_at(step, {**s, "total": steps})
         model.train()
         with torch.autocast(**amp):
-            loss, m = model.compute_loss(batch)
+            loss, m = net(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
@@ -365,10 +415,12 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
             if history is not None:
                 history["train"].append({"step": step, **m})
-        if curve is not None and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
+        if curve is not None and s["rank"] == 0 and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
             e = curve(ema, step + 1)
             tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {e['success']:.2f} "
                        f"| FAST acc {e['fast_token_acc']:.2f} | 1st-action err {e['first_action_mse']:.3f}")
+    if s["world"] > 1:
+        check_ranks_in_sync(model, s)
     return ema
 
 
@@ -385,13 +437,48 @@ def pick_device(name):
     return name
 
 
+def setup_distributed(s):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (nccl) or per CPU share (gloo).
+    -> rank, world size. Without torchrun: 0, 1 and nothing changes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if s["batch_size"] % world:
+        raise SystemExit(f"error: --batch_size={s['batch_size']} must be a multiple of the {world} processes")
+    if s["device"] == "cuda":
+        s["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(s["device"])
+    torch.distributed.init_process_group("nccl" if s["device"].startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world
+
+
+def build_model(s, cfg, tok):
+    """The toy VLM, or (--backbone=hf-tiny) a tiny random HuggingFace PaliGemma behind the same interface."""
+    if s["backbone"] == "toy":
+        return kivla.KIVLA(cfg, tok)
+    try:
+        hf = kivla.tiny_paligemma(cfg, tok.vocab_size)
+    except ImportError:
+        raise SystemExit("error: --backbone=hf-tiny needs transformers >= 5: pip install transformers")
+    return kivla.KIVLA(cfg, tok, backbone=kivla.HFBackbone(hf))
+
+
+def load_vlm_weights(model, weights):
+    """Every VLM weight, strictly; the action expert keeps its fresh init (pretraining never trains it)."""
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("action_expert.")},
+                                                strict=False)
+    if unexpected or any(not k.startswith("action_expert.") for k in missing):
+        raise SystemExit(f"error: the VLM weights do not fit this model (from an older kivla, or another --backbone?); "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     """Robot training of one variant and one seed from the pretrained VLM weights, then the full evaluation.
     The action expert starts from a fresh random init per seed (the pretrained checkpoint has none worth keeping)."""
     t_start = time.time()
     torch.manual_seed(seed)
-    model = kivla.KIVLA(cfg, tok).to(s["device"])
-    model.load_state_dict({k: v for k, v in init.items() if not k.startswith("action_expert.")}, strict=False)
+    model = build_model(s, cfg, tok).to(s["device"])
+    load_vlm_weights(model, init)
     robot, diag = model.make_batch(*data["demos"]), model.make_batch(*data["diag"])  # per variant: pi0 has no FAST
     history = {"train": [], "eval": []}
     n_curve = min(50, s["eval_episodes"])
@@ -405,6 +492,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
                 f"train {cfg.variant} seed {seed}", curve, history)
     train_time = time.time() - t_start
+    if s["rank"] > 0:  # evaluation and outputs: rank 0 only
+        return None
     torch.manual_seed(seed)
     seeds = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"])
     ok_in, chunk_s, episodes = rollouts(ema, "train", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
@@ -434,10 +523,12 @@ def _sample_obs():
 def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
     """Toy VLM pretraining: VQA only, ViT + backbone (the expert gets no gradient: no action rows)."""
     torch.manual_seed(s["seed"])
-    model = kivla.KIVLA(kivla.Config(**{**asdict(cfg), "variant": "ki"}), tok).to(s["device"])
+    model = build_model(s, kivla.Config(**{**asdict(cfg), "variant": "ki"}), tok).to(s["device"])
     ema = train(model, {**s, "lr": s["pretrain_lr"]}, None, vqa, s["pretrain_steps"], 1.0, "VLM pretraining (VQA)")
-    acc = vqa_accuracy(ema, vqa_eval)
-    ema.save(os.path.join(s["out_dir"], "pretrained.pt"), vqa_acc=acc)
+    acc = float("nan")
+    if s["rank"] == 0:
+        acc = vqa_accuracy(ema, vqa_eval)
+        ema.save(os.path.join(s["out_dir"], "pretrained.pt"), vqa_acc=acc)
     return {k: v.cpu() for k, v in ema.state_dict().items()}, acc
 
 
@@ -466,7 +557,7 @@ def eval_only(s):
 def train_speed(s, cfg, tok, obs, chunks, steps=40):
     """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA)."""
     torch.manual_seed(s["seed"])
-    model = kivla.KIVLA(cfg, tok).to(s["device"])
+    model = build_model(s, cfg, tok).to(s["device"])
     robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
     train(model, s, robot, vqa, 5, s["vqa_frac"], "bench warm-up")
     t0 = time.perf_counter()
@@ -510,7 +601,7 @@ def bench(s, cfg):
         print(f"model: {s['init_from']}")
     else:
         torch.manual_seed(s["seed"])
-        model = kivla.KIVLA(cfg, tok).to(s["device"]).eval()
+        model = build_model(s, cfg, tok).to(s["device"]).eval()
         print("model: randomly initialised (AR decoding forced to the mean FAST length)")
     n_tok = int(round(n_fast)) + 1  # FAST tokens + "|"
     out = {}
@@ -543,6 +634,14 @@ def summarize(runs):
 def main(argv):
     s, cfg = parse_args(argv)
     s["device"] = pick_device(s["device"])
+    s["rank"], s["world"] = setup_distributed(s)
+    if s["rank"] > 0:  # under torchrun only rank 0 prints (and writes outputs; see run_variant)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return run(s, cfg)
+    return run(s, cfg)
+
+
+def run(s, cfg):
     torch.manual_seed(s["seed"])
     if s["device"] == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -565,8 +664,10 @@ def main(argv):
     n_fast = np.mean([len(tok.encode(c)) for c in chunks[:2000]])
     print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for per-dimension binning")
     # 3) toy VLM pretraining (or reuse)
-    model = kivla.KIVLA(cfg, tok)
+    model = build_model(s, cfg, tok)
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
+    if init:
+        load_vlm_weights(model, init["model"])  # fail now, not after the data is made
     data = {"demos": (obs, chunks), "diag": ([d_obs[i] for i in pick], d_chunks[pick]),
             "vqa": model.make_batch(make_vqa_set(s["n_vqa"], s["seed"])),
             "vqa_eval": model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))}
@@ -586,12 +687,17 @@ def main(argv):
         for seed in seeds:
             tag = (f"_{v}" if s["compare"] else "") + (f"_seed{seed}" if len(seeds) > 1 else "")
             m = run_variant(s, c, tok, data, weights, vqa_before, seed, tag)
+            if m is None:  # not rank 0
+                continue
             m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
             runs.append(m)
             print(f"{v:5s} seed {seed} | success {m['success']:.3f} | held-out combos {m['heldout_success']:.3f} | "
                   f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
                   f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
-        results.append(summarize(runs))
+        results.append(summarize(runs) if runs else None)
+    if s["rank"] > 0:
+        torch.distributed.destroy_process_group()
+        return None
     expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]))
     wall = time.time() - t_start
     for r in results:
@@ -604,6 +710,8 @@ def main(argv):
     with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(f"scripted expert on the same seeds: {expert_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
+    if s["world"] > 1:
+        torch.distributed.destroy_process_group()
     return out
 
 
