@@ -449,19 +449,23 @@ def test_make_batch_shapes_and_errors(demo):
         kivla.Config(variant="bogus")
 
 
-def test_overfit_a_handful_of_samples(demo):
-    obs, chunks, tok = demo
-    m = tiny(tok, "ki")
-    batch = m.make_batch(obs, chunks)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+def overfit(m, batch, lr, steps):
+    """-> flow and CE loss at fixed noise and time, before and after `steps` AdamW steps on one batch."""
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
     noise, time = fixed(batch)
     first = m.compute_loss(batch, noise, time)[1]
-    for step in range(200):
-        loss, _ = m.compute_loss(batch)
+    for step in range(steps):
+        loss, _ = m(batch)  # calling the model = its training loss (what DDP and torch.compile wrap)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = m.compute_loss(batch, noise, time)[1]
+    return first, m.compute_loss(batch, noise, time)[1]
+
+
+def test_overfit_a_handful_of_samples(demo):
+    obs, chunks, tok = demo
+    m = tiny(tok, "ki")
+    first, last = overfit(m, m.make_batch(obs, chunks), 3e-3, 200)
     assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 4
 
 
@@ -480,13 +484,15 @@ def test_checkpoint_round_trip(demo, tmp_path):
 # HFBackbone: a tiny, randomly initialised HuggingFace PaliGemma behind the same interface
 # (skipped where transformers is missing; .ci/run installs it, so CI runs them)
 
-HF_SHAPES = [dict(n_layer=2, n_head=4, n_kv_head=1), dict(n_layer=3, n_head=2, n_kv_head=2)]  # Gemma-2B-like GQA, MHA
+# Gemma-2B-like grouped-query attention with the env's image size; multi-head, deeper, SigLIP at 32 px (resized)
+HF_SHAPES = [dict(n_layer=2, n_head=4, n_kv_head=1), dict(n_layer=3, n_head=2, n_kv_head=2, vision_size=32)]
 
 
-def hf(tok, variant="ki", seed=0, n_layer=2, n_head=4, n_kv_head=1):
+def hf(tok, variant="ki", seed=0, n_layer=2, n_head=4, n_kv_head=1, vision_size=64):
     pytest.importorskip("transformers", minversion="5")
     torch.manual_seed(seed)
-    cfg = kivla.Config(variant=variant, **{**TINY, "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv_head})
+    cfg = kivla.Config(variant=variant, **{**TINY, "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv_head,
+                                           "image_size": vision_size, "patch_size": vision_size // 4})
     toy_shaped = kivla.Config(**{**TINY, "n_layer": 1, "n_head": 2, "head_dim": 8})  # the expert must not keep these
     hf_model = kivla.tiny_paligemma(cfg, tok.vocab_size)
     return kivla.KIVLA(toy_shaped if variant == "ki" else kivla.Config(variant=variant, **TINY), tok,
@@ -563,6 +569,15 @@ def test_hf_backbone_ids_masks_and_rope_match_the_expert(demo):
     batch = m.make_batch(obs[:2], chunks[:2])
     assert batch["suffix"][:, 0].eq(v.action).all() and (batch["suffix"] < V - 128).all()
 
+    class Tokenizer:  # the part of a HuggingFace tokenizer that Vocab uses
+        pad_token_id, unk_token_id = 0, 3
+
+        def encode(self, text, add_special_tokens=True):
+            return [10 + len(w) for w in text.split()]
+    real = kivla.Vocab(tok.vocab_size, size=V, tokenizer=Tokenizer())
+    assert real.words("push the red block") == ([14, 13, 13, 15], []) and (real.pad, real.unk) == (0, 3)
+    assert real.fast_offset == v.fast_offset and real.state_offset == v.state_offset
+
     def hidden(b):
         x, valid = m.backbone.embed_prefix(b)
         Tp, Ts = x.shape[1], b["suffix"].shape[1]
@@ -587,16 +602,7 @@ def test_hf_backbone_ids_masks_and_rope_match_the_expert(demo):
 def test_hf_backbone_overfits_a_handful_of_samples(demo):
     obs, chunks, tok = demo
     m = hf(tok, "ki")
-    batch = m.make_batch(obs, chunks)
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
-    noise, time = fixed(batch)
-    first = m.compute_loss(batch, noise, time)[1]
-    for step in range(100):
-        loss, _ = m(batch)  # calling the model = its training loss (what DDP and torch.compile wrap)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    last = m.compute_loss(batch, noise, time)[1]
+    first, last = overfit(m, m.make_batch(obs, chunks), 5e-3, 100)
     assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 3
 
 
