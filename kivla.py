@@ -246,12 +246,33 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
           "yellow": (235, 200, 30), "purple": (150, 60, 200)}
 CORNERS = {"top left": (0.15, 0.15), "top right": (0.85, 0.15),
            "bottom left": (0.15, 0.85), "bottom right": (0.85, 0.85)}  # (x, y), y grows downwards
-# colour x corner pairs that never appear in robot demos (their words do, in VQA): language following
+INSTRUCTION = "push the {color} block to the {corner} corner"
+ALL_TASKS = [(c, k) for c in COLORS for k in CORNERS]
+# The evaluation splits, fixed before any result was looked at (never tune them):
+# 1) held-out combinations: colour x corner pairs never in robot demos; their words all are (recombination)
 HELDOUT_TASKS = [("red", "bottom right"), ("green", "top left"), ("blue", "bottom left"),
                  ("yellow", "top right"), ("purple", "top left")]
-TRAIN_TASKS = [(c, k) for c in COLORS for k in CORNERS if (c, k) not in HELDOUT_TASKS]
-ALL_TASKS = [(c, k) for c in COLORS for k in CORNERS]
-INSTRUCTION = "push the {color} block to the {corner} corner"
+# 2) an unseen target concept: this colour is never the target of a robot demo (it may be a distractor);
+#    only the VQA data says which blob it names. The toy analogue of knowledge only the VLM has.
+UNSEEN_COLOR = "purple"  # train_toy.py --unseen_color ("" = none)
+# 3) unseen wording: words only the VQA data uses, never a robot instruction (instructions say push/top/bottom)
+SYNONYMS = {"push": ("shove", "nudge"), "top": ("upper",), "bottom": ("lower",)}
+
+
+def task_splits(unseen_color=UNSEEN_COLOR):
+    """(colour, corner) tasks per split. "train" = what robot demos cover (and in-distribution evaluation);
+    unseen wording evaluates the "train" tasks with `paraphrase`d instructions."""
+    return {"train": [t for t in ALL_TASKS if t not in HELDOUT_TASKS and t[0] != unseen_color],
+            "heldout": [t for t in HELDOUT_TASKS if t[0] != unseen_color],
+            "unseen_color": [t for t in ALL_TASKS if t[0] == unseen_color]}
+
+
+def paraphrase(text, rng):
+    """Replace every word that has synonyms by one of them: "push ... top left" -> "shove ... upper left"."""
+    return " ".join(SYNONYMS[w][rng.integers(len(SYNONYMS[w]))] if w in SYNONYMS else w for w in text.split())
+
+
+TRAIN_TASKS = task_splits()["train"]
 
 
 class PushEnv(gymnasium.Env):
@@ -269,9 +290,9 @@ class PushEnv(gymnasium.Env):
     pusher_radius, block_radius, speed, success_tol = 0.05, 0.06, 0.05, 0.1  # tol = half the pad
 
     def __init__(self, image_size=64, max_episode_steps=100, tasks="train", render_mode=None, render_size=256):
-        named = {"train": TRAIN_TASKS, "heldout": HELDOUT_TASKS, "all": ALL_TASKS}
+        named = {**task_splits(), "all": ALL_TASKS}
         if not (tasks in named if isinstance(tasks, str) else isinstance(tasks, (list, tuple))):
-            raise ValueError(f"tasks must be 'train', 'heldout', 'all' or a list of (colour, corner), got {tasks!r}")
+            raise ValueError(f"tasks must be one of {', '.join(named)} or a list of (colour, corner), got {tasks!r}")
         self.tasks = named[tasks] if isinstance(tasks, str) else [tuple(t) for t in tasks]
         for c, k in self.tasks:
             assert c in COLORS and k in CORNERS, f"unknown task ({c!r}, {k!r})"
@@ -423,8 +444,10 @@ def position_bins(xy, grid=8, bins=256):
 
 def make_vqa(env, rng):
     """One (question, answer) about the env's current scene. Answers are word strings, except
-    "where is" whose answer is a list of two state-bin ints (x, y)."""
-    kind = rng.choice(3, p=[0.5, 0.25, 0.25])  # "where" carries the most grounding signal per question
+    "where is" whose answer is a list of two state-bin ints (x, y). Corners in questions are said both
+    ways ("top left" / "upper left"), and the verbs push, shove and nudge appear in the same question: the
+    only place a robot instruction's unseen wording (SYNONYMS) is ever seen, as web text is for a real VLM."""
+    kind = rng.choice(4, p=[0.45, 0.2, 0.2, 0.15])  # "where" carries the most grounding signal per question
     i = int(rng.integers(3))
     color, pos = env.colors[i], env.blocks[i]
     if kind == 0:
@@ -433,8 +456,12 @@ def make_vqa(env, rng):
         corner = min(CORNERS, key=lambda k: np.linalg.norm(pos - np.array(CORNERS[k])))
         return f"which corner is the {color} block nearest", corner
     corner = list(CORNERS)[rng.integers(4)]
-    j = int(np.argmin(np.linalg.norm(env.blocks - np.array(CORNERS[corner]), axis=1)))
-    return f"what colour is the block nearest the {corner} corner", env.colors[j]
+    said = paraphrase(corner, rng) if rng.random() < 0.5 else corner
+    if kind == 2:
+        j = int(np.argmin(np.linalg.norm(env.blocks - np.array(CORNERS[corner]), axis=1)))
+        return f"what colour is the block nearest the {said} corner", env.colors[j]
+    verb = ["push", *SYNONYMS["push"]][rng.integers(3)]
+    return f"you {verb} the {color} block to the {said} corner which moves", color
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,8 +469,8 @@ def make_vqa(env, rng):
 # ------------------------------------------------------------------------------------------------
 
 SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
-WORDS = sorted(set(" ".join([INSTRUCTION, "where is the which corner nearest what colour", *COLORS, *CORNERS])
-                   .replace("{color}", "").replace("{corner}", "").split()))
+WORDS = sorted(set(" ".join([INSTRUCTION, "where is the which corner nearest what colour you moves", *COLORS, *CORNERS,
+                             *(w for ws in SYNONYMS.values() for w in ws)]).replace("{color}", "").replace("{corner}", "").split()))
 
 
 class Vocab:
@@ -704,6 +731,12 @@ def prefix_lm_mask(prefix_valid, n_suffix):
     return (allowed[None] & key_valid[:, None, :]).unsqueeze(1)
 
 
+def expert_mask(prefix_valid, H):
+    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H action keys
+    (bidirectional among themselves). The suffix (FAST tokens) is not even among its keys."""
+    return torch.cat([prefix_valid, prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
+
+
 class Backbone(nn.Module):
     """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over [prefix | suffix].
 
@@ -787,8 +820,7 @@ class ActionExpert(nn.Module):
         B, H, _ = x_tau.shape
         x = self.in_proj(x_tau)  # (B, H, W)
         cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
-        # expert queries see every valid prefix key and all H action tokens (bidirectional among themselves)
-        mask = torch.cat([prefix_valid, prefix_valid.new_ones(B, H)], 1)[:, None, None, :]  # (B, 1, 1, Tp + H)
+        mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
         rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
         for blk, kv in zip(self.blocks, prefix_kv):
             x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)

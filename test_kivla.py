@@ -187,13 +187,17 @@ def test_success_detection_and_truncation():
     assert [x[3] for x in results] == [False, False, True] and not any(x[2] for x in results)
 
 
-def test_heldout_tasks_are_disjoint_and_cover_every_word():
-    assert not set(kivla.HELDOUT_TASKS) & set(kivla.TRAIN_TASKS)
-    assert {c for c, _ in kivla.TRAIN_TASKS} == set(kivla.COLORS) and {k for _, k in kivla.TRAIN_TASKS} == set(kivla.CORNERS)
+@pytest.mark.parametrize("unseen", ["purple", "green", ""])
+def test_evaluation_splits_are_disjoint_and_the_unseen_ones_are_what_they_say(unseen):
+    sp = kivla.task_splits(unseen)
+    assert not set(sp["train"]) & set(sp["heldout"]) and not set(sp["train"]) & set(sp["unseen_color"])
+    assert {c for c, _ in sp["train"]} == set(kivla.COLORS) - {unseen} and {k for _, k in sp["train"]} == set(kivla.CORNERS)
+    assert {c for c, _ in sp["heldout"] + sp["train"]} <= set(kivla.COLORS) - {unseen}, "held-out combos recombine seen words"
+    assert sp["unseen_color"] == [(unseen, k) for k in kivla.CORNERS] if unseen else sp["unseen_color"] == []
     env = kivla.PushEnv(tasks="heldout")
     for s in range(20):
         env.reset(seed=s)
-        assert (env.color, env.corner) in kivla.HELDOUT_TASKS
+        assert (env.color, env.corner) in kivla.HELDOUT_TASKS and env.color != kivla.UNSEEN_COLOR
     env = kivla.PushEnv(tasks=[("red", "top left")])
     assert env.reset(seed=0)[0]["instruction"] == "push the red block to the top left corner"
     assert env.reset(seed=0, options={"task": ("blue", "bottom right")})[0]["instruction"].startswith("push the blue")
@@ -394,7 +398,7 @@ def test_quantile_normalisation_is_invertible_and_travels_with_the_checkpoint(de
     plain.load_state_dict(m.state_dict())
     batch = m.make_batch(far, wide)
     r = batch["has_actions"]  # the demo fixture's VQA rows carry no actions
-    assert r.sum() == 6 and torch.allclose(batch["actions"][r], torch.from_numpy(norm(wide))[r])
+    assert r.sum() == 6 and torch.allclose(batch["actions"][r], torch.from_numpy(norm(wide)).float()[r], atol=1e-5)
     assert (batch["state"] - m.vocab.state_offset).float().std() > 20, "states spread over the bins, not clipped"
     noise = torch.randn(len(obs), 10, 2)
     a = m.sample_actions(batch, 3, noise)
@@ -695,10 +699,41 @@ def test_scale_gpu_setting_has_the_promised_shapes_and_trains_on_cpu():
     assert kv[0][0].shape == (2, 8, 64 + cfg.text_len + 2, 32) and not torch.equal(before, m.backbone.blocks[0].qkv.weight)
 
 
-def test_demos_never_contain_heldout_combinations():
-    _, chunks, tasks, rate = train_toy.collect_demos(30, 10, 0.3, seed=0)
+def test_figures_are_written_from_the_model_and_are_not_blank(demo, tmp_path):
+    """attention.png draws the masks the model uses: check a few cells by colour; fast_tokens.png is not blank."""
+    from PIL import Image
+    obs, chunks, tok = demo
+    m = tiny(tok, "ki")
+    train_toy.draw_attention(m, obs[0], chunks[0], tmp_path / "a.png", cell=9)
+    train_toy.draw_fast_tokens(tok, chunks[0], tmp_path / "f.png")
+    a = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
+    Tp, Ts = m.cfg.prefix_len, len(tok.encode(chunks[0])) + 1
+    px = lambda q, k: tuple(a[40 + q * 9 + 3, 92 + k * 9 + 3])  # noqa: E731  (row = query, column = key)
+    blue, orange, green, grey = (70, 110, 200), (240, 140, 30), (40, 160, 80), (238, 238, 238)
+    assert px(0, Tp - 1) == blue and px(0, Tp) == grey, "prefix bidirectional, never sees the suffix"
+    assert px(Tp + 2, Tp + 2) == blue and px(Tp + 2, Tp + 3) == grey, "FAST tokens causal"
+    assert px(Tp + Ts, 0) == orange and px(Tp + Ts, Tp) == grey and px(Tp + Ts, Tp + Ts + 9) == green
+    assert px(0, Tp + Ts) == grey, "the backbone never attends to the expert"
+    f = np.asarray(Image.open(tmp_path / "f.png").convert("L"))
+    assert f.std() > 20 and (f < 128).mean() > 0.01
+
+
+def test_robot_demos_never_contain_the_evaluation_splits_and_only_vqa_has_the_unseen_words():
+    obs, chunks, tasks, rate = train_toy.collect_demos(30, 10, 0.3, seed=0)
     assert not set(tasks) & set(kivla.HELDOUT_TASKS) and rate >= 0.95
+    assert kivla.UNSEEN_COLOR not in {c for c, _ in tasks}, "the unseen colour is never a demo's target"
+    assert all(kivla.UNSEEN_COLOR not in o["instruction"].split() for o in obs)
     assert np.abs(chunks).max() <= 1.0
+    synonyms = {w for ws in kivla.SYNONYMS.values() for w in ws}
+    robot_words = {w for o in obs for w in o["instruction"].split()}
+    vqa_words = {w for o in train_toy.make_vqa_set(400, seed=0) for w in o["instruction"].split()}
+    assert not synonyms & robot_words and synonyms <= vqa_words and kivla.UNSEEN_COLOR in vqa_words
+    assert set(kivla.SYNONYMS) <= robot_words, "the robot data says push / top / bottom"
+    vocab = kivla.Vocab(256)
+    rng = np.random.default_rng(0)
+    said = kivla.paraphrase("push the red block to the top left corner", rng)
+    assert said.split()[0] in kivla.SYNONYMS["push"] and said.endswith("the red block to the upper left corner")
+    assert vocab.words(said)[1] == [], "every unseen word is in the vocabulary (VQA uses it), none is <unk>"
 
 
 @pytest.mark.parametrize("arg,msg", [("--no_such_key=3", "no_such_key"), ("--variant=bogus", "variant"),

@@ -45,6 +45,7 @@ SETTINGS = dict(
     compare=False,          # train every variant (ki, joint, pi0, fast) from the same pretraining, one table
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
+    figures=False,          # write attention.png and fast_tokens.png into --out_dir and exit (--bench does too)
     bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
     backbone="toy",         # toy: the from-scratch toy VLM | hf-tiny: a tiny random HuggingFace PaliGemma (transformers)
     scale="cpu",            # cpu: the toy sizes | gpu: sized for one GPU (more image tokens, wider, bigger batch, compile)
@@ -52,6 +53,7 @@ SETTINGS = dict(
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
+    unseen_color="purple",  # never a demo's target (VQA only): the "unseen concept" split; "" = none
     demo_noise=0.3,         # std of the noise added to executed expert actions (labels stay clean)
     fast_scale=4.0,         # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
@@ -79,7 +81,7 @@ QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_si
 # tokens instead of 16, a 4x wider backbone, 4x the batch, torch.compile. --quick still shrinks the schedule.
 SCALE_GPU = dict(batch_size=256, compile=True, patch_size=8, vit_width=128, vit_layers=4, d_model=256, n_layer=6,
                  n_head=8, head_dim=32, expert_width=128)
-CHOICES = dict(backbone=("toy", "hf-tiny"), scale=("cpu", "gpu"))
+CHOICES = dict(backbone=("toy", "hf-tiny"), scale=("cpu", "gpu"), unseen_color=("", *kivla.COLORS))
 EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000  # never trained on
 
 
@@ -130,10 +132,10 @@ def _cast(key, val, default):
 # 1) demonstrations and VQA data
 
 
-def collect_demos(n, H, noise, seed):
+def collect_demos(n, H, noise, seed, tasks="train"):
     """Expert rollouts on the training tasks -> observations, (N, H, A) clean action chunks, task per sample.
     A chunk that runs past the episode's end is padded with zeros: after success the pusher stays put."""
-    env, rng = kivla.PushEnv(tasks="train"), np.random.default_rng(seed)
+    env, rng = kivla.PushEnv(tasks=tasks), np.random.default_rng(seed)
     obs_all, chunks, tasks, success = [], [], [], 0
     for ep in tqdm(range(n), desc="demos", leave=False):
         obs, _ = env.reset(seed=seed + ep)
@@ -195,15 +197,19 @@ def vqa_accuracy(model, vqa_batch, bs=500):
 
 
 @torch.no_grad()
-def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0):
-    """Closed-loop episodes, all envs in lockstep so each model call is batched.
+def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0, reword=False):
+    """Closed-loop episodes, all envs in lockstep so each model call is batched. reword: every episode's
+    instruction said with SYNONYMS (the unseen-wording split), fixed per episode by its seed.
     -> success per episode, seconds per action chunk, frames of the first `record` episodes."""
     model.eval()
     envs = [kivla.PushEnv(tasks=tasks, render_mode="rgb_array") for _ in seeds]
     obs = [e.reset(seed=s)[0] for e, s in zip(envs, seeds)]
-    if instruction:
-        for e, o in zip(envs, obs):
-            o["instruction"] = instruction
+    if reword:
+        instruction = [kivla.paraphrase(e.instruction, np.random.default_rng(s)) for e, s in zip(envs, seeds)]
+    elif instruction:
+        instruction = [instruction] * len(envs)
+    for o, text in zip(obs, instruction or []):
+        o["instruction"] = text
     done, success = [False] * len(envs), [False] * len(envs)
     frames = [[e.render()] for e in envs[:record]]
     chunk_time, chunks = 0.0, 0
@@ -215,14 +221,14 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0)
         for j, i in enumerate(live):
             for a in actions[j, :replan]:
                 o, _, term, trunc, info = envs[i].step(a)
-                obs[i] = {**o, "instruction": instruction} if instruction else o
+                obs[i] = {**o, "instruction": instruction[i]} if instruction else o
                 if i < record:
                     frames[i].append(envs[i].render())
                 if term or trunc:
                     done[i], success[i] = True, info["success"]
                     break
     for i in range(record):
-        frames[i] = (frames[i], envs[i].instruction if not instruction else instruction, success[i])
+        frames[i] = (frames[i], envs[i].instruction if not instruction else instruction[i], success[i])
     return np.array(success), chunk_time / max(chunks, 1), frames[:record]
 
 
@@ -242,9 +248,9 @@ def diagnostics(model, diag, num_steps):
     return {"fast_token_acc": acc, "first_action_mse": ((first - diag["actions"][:, 0]) ** 2).mean().item()}
 
 
-def expert_success(seeds):
+def expert_success(seeds, tasks="train"):
     """The scripted expert's (noise-free) success rate on the evaluation seeds, for comparison."""
-    env, ok = kivla.PushEnv(tasks="train"), []
+    env, ok = kivla.PushEnv(tasks=tasks), []
     for seed in seeds:
         env.reset(seed=seed)
         while True:
@@ -315,6 +321,102 @@ def draw_curves(history, path, size=(760, 320)):
             legend = (x0 + W - 120, T + 6 + (14 * i if log else 0.3 * (H - T - B) + 14 * i))  # rates: mid-height
             dr.text(legend, name, fill=color)
     img.save(path)
+
+
+def draw_attention(model, obs, chunk, path, cell=9):
+    """The attention pattern of one real training row, from the mask tensors the model uses (prefix_lm_mask for
+    the backbone, expert_mask for the action expert). Rows are queries, columns keys."""
+    b = model.make_batch([obs], chunk[None])
+    valid = model.backbone.embed_prefix(b)[1][0]  # (Tp,)
+    Tp, Ts, H = len(valid), int(b["suffix_loss"][0].sum()), model.cfg.action_horizon
+    vlm = kivla.prefix_lm_mask(valid[None], Ts)[0, 0]  # (Tp + Ts, Tp + Ts)
+    exp = kivla.expert_mask(valid[None], H)[0, 0, 0]  # (Tp + H,)
+    T, L, top = Tp + Ts + H, 92, 40
+    img = Image.new("RGB", (L + T * cell + 250, top + T * cell + 10), "white")
+    dr = ImageDraw.Draw(img)
+    colors = {"vlm": (70, 110, 200), "sg": (240, 140, 30), "grad": (160, 60, 160), "exp": (40, 160, 80)}
+    reads = "sg" if model.cfg.stop_gradient else "grad"
+    for q in range(T):
+        for k in range(T):
+            if q < Tp + Ts:  # backbone query: never sees the expert's tokens
+                c = "vlm" if k < Tp + Ts and vlm[q, k] else None
+            elif k < Tp:  # expert query -> prefix keys/values
+                c = reads if exp[k] else None
+            else:  # expert query -> suffix (never a key for it) or its own action tokens
+                c = "exp" if k >= Tp + Ts and exp[Tp + k - Tp - Ts] else None
+            x, y = L + k * cell, top + q * cell
+            dr.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colors[c] if c else (238, 238, 238))
+    n_img = model.cfg.n_image_tokens if hasattr(model.backbone, "vit") else Tp - model.cfg.text_len - model.cfg.state_dim
+    segments = [("image", n_img), ("instruction", model.cfg.text_len), ("state", model.cfg.state_dim),
+                ("FAST", Ts), ("actions", H)]
+    start = 0
+    for name, n in segments:
+        dr.text((4, top + (start + n / 2) * cell - 6), name, fill="black")
+        dr.line([L - 4, top + start * cell, L - 4, top + (start + n) * cell - 2], fill="black")
+        dr.text((L + start * cell, top - 14), name if n * cell > 40 else name[:1], fill="black")
+        start += n
+    dr.text((L, 4), "attention mask of one training row (rows = queries, columns = keys)", fill="black")
+    legend = [("vlm", "backbone: prefix bidirectional, FAST causal"), (reads, "expert reads VLM keys/values" +
+              (" through stop_gradient" if reads == "sg" else " (gradient flows)")), ("exp", "expert: its own action tokens"),
+              (None, "masked (incl. padded text)")]
+    for i, (c, text) in enumerate(legend):
+        y = top + 10 + 28 * i
+        dr.rectangle([L + T * cell + 12, y, L + T * cell + 22, y + 10], fill=colors[c] if c else (238, 238, 238))
+        dr.text((L + T * cell + 28, y - 1), text[:36], fill="black")
+        if len(text) > 36:
+            dr.text((L + T * cell + 28, y + 9), text[36:], fill="black")
+    img.save(path)
+
+
+def draw_fast_tokens(tok, chunk, path):
+    """One action chunk -> its DCT coefficients after scaling and rounding -> the BPE tokens it becomes."""
+    H, A = chunk.shape
+    syms = tok._symbols(chunk)  # base symbols, low frequency first: (freq 0: dim 0, dim 1, ...), (freq 1: ...)
+    ids = tok.encode(chunk)
+    W, cell = max(520, 24 * len(syms) + 20), 24
+    img = Image.new("RGB", (W, 400), "white")
+    dr = ImageDraw.Draw(img)
+    dr.text((10, 4), f"1) the action chunk: H={H} steps x A={A} dims", fill="black")
+    dim_colors = [(200, 60, 40), (40, 90, 200), (40, 150, 60), (150, 60, 160)]
+    X = lambda t: 40 + t * (W - 80) / max(H - 1, 1)  # noqa: E731
+    Y = lambda v: 70 - 45 * v  # noqa: E731
+    dr.line([40, Y(0), W - 40, Y(0)], fill=(200, 200, 200))
+    for d in range(A):
+        dr.line([(X(t), Y(chunk[t, d])) for t in range(H)], fill=dim_colors[d % 4], width=2)
+        dr.text((W - 120 + 55 * (d % 2), 4 + 12 * (d // 2)), f"dim {d}", fill=dim_colors[d % 4])
+    dr.text((10, 128), "2) DCT per dim, x scale, rounded (rows = frequency, columns = dim): the integers FAST keeps",
+            fill="black")
+    q = np.array(syms).reshape(H, A) - tok.M
+    for f in range(H):
+        for d in range(A):
+            x, y = 40 + d * 60, 146 + f * 13
+            v = int(q[f, d])
+            shade = 255 - min(200, 40 * abs(v))
+            dr.rectangle([x, y, x + 56, y + 11], fill=(255, shade, shade) if v > 0 else (shade, shade, 255) if v < 0 else (245, 245, 245))
+            dr.text((x + 22, y), str(v), fill="black")
+    y0 = 146 + H * 13 + 10
+    dr.text((10, y0), f"3) flattened low-frequency first ({len(syms)} symbols) -> BPE: {len(ids)} tokens", fill="black")
+    x = 10
+    for t in ids:
+        n = len(tok.expand[t])
+        dr.rectangle([x, y0 + 18, x + n * cell - 3, y0 + 40], outline=(40, 90, 200), width=2)
+        for j, s in enumerate(tok.expand[t]):
+            dr.text((x + j * cell + 4, y0 + 23), str(s - tok.M), fill="black")
+        dr.text((x + 2, y0 + 44), f"#{t}", fill=(40, 90, 200))
+        x += n * cell
+    img.save(path)
+
+
+def write_figures(s, cfg, tok, obs, chunks, model=None):
+    """attention.png and fast_tokens.png into --out_dir (from --bench and --figures)."""
+    os.makedirs(s["out_dir"], exist_ok=True)
+    i = int(np.argmax([len(tok.encode(c)) for c in chunks[:200]]))  # a chunk with a long FAST sequence
+    if model is None:
+        torch.manual_seed(s["seed"])
+        model = build_model(s, cfg, tok)
+    draw_attention(model.cpu(), obs[i], chunks[i], os.path.join(s["out_dir"], "attention.png"))
+    draw_fast_tokens(tok, chunks[i], os.path.join(s["out_dir"], "fast_tokens.png"))
+    print(f"wrote {s['out_dir']}/attention.png and {s['out_dir']}/fast_tokens.png")
 
 
 def write_gif(episodes, path):
@@ -481,11 +583,11 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     load_vlm_weights(model, init)
     robot, diag = model.make_batch(*data["demos"]), model.make_batch(*data["diag"])  # per variant: pi0 has no FAST
     history = {"train": [], "eval": []}
-    n_curve = min(50, s["eval_episodes"])
+    n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
 
     def curve(ema, step):
         torch.manual_seed(seed)
-        ok, _, _ = rollouts(ema, "train", range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
+        ok, _, _ = rollouts(ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
         history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
         return history["eval"][-1]
 
@@ -495,12 +597,16 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     if s["rank"] > 0:  # evaluation and outputs: rank 0 only
         return None
     torch.manual_seed(seed)
-    seeds = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"])
-    ok_in, chunk_s, episodes = rollouts(ema, "train", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
-    ok_out, _, more = rollouts(ema, "heldout", seeds, s["replan"], s["num_steps"], record=s["gif_episodes"])
+    seeds, n_gif, go = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["gif_episodes"], (s["replan"], s["num_steps"])
+    ok_in, chunk_s, episodes = rollouts(ema, splits["train"], seeds, *go, record=n_gif)  # the same seeds on every split
+    ok_out, _, more = rollouts(ema, splits["heldout"], seeds, *go, record=n_gif)
+    ok_color, _, colored = rollouts(ema, splits["unseen_color"], seeds, *go, record=n_gif // 2) if splits["unseen_color"] \
+        else (np.array([np.nan]), 0, [])
+    ok_words, _, worded = rollouts(ema, splits["train"], seeds, *go, record=n_gif // 2, reword=True)
     metrics = {
         "variant": cfg.variant, "seed": seed, "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
-        "eval_episodes": s["eval_episodes"], **diagnostics(ema, diag, s["num_steps"]),
+        "unseen_color_success": float(ok_color.mean()), "unseen_wording_success": float(ok_words.mean()),
+        "unseen_color": s["unseen_color"], "eval_episodes": s["eval_episodes"], **diagnostics(ema, diag, s["num_steps"]),
         "vqa_acc_before": vqa_before, "vqa_acc_after": vqa_accuracy(ema, data["vqa_eval"]),
     }
     ema.cpu()
@@ -512,7 +618,7 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
     with open(os.path.join(out, f"history{tag}.json"), "w") as f:
         json.dump(history, f)
-    write_gif(episodes + more, os.path.join(out, f"rollouts{tag}.gif"))
+    write_gif(episodes + more + colored + worded, os.path.join(out, f"rollouts{tag}.gif"))
     return metrics
 
 
@@ -579,6 +685,9 @@ def bench(s, cfg):
     t0 = time.perf_counter()
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
     fit_s = time.perf_counter() - t0
+    write_figures(s, cfg, tok, obs, chunks)
+    if s["figures"]:
+        return {}
     # training speed in the default job's conditions, next to a plain matmul on the same machine: the
     # steps/s vary 2-4x between machines of one kind; steps/s per matmul GFLOP/s should vary far less
     sps, gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
@@ -614,10 +723,44 @@ def bench(s, cfg):
             out[(bs, n)] = (t_flow, t_ar)
             print(f"batch {bs:2d}: flow (10 Euler steps) {1000 * t_flow:6.1f} ms | AR FAST ({n:2d} tokens) "
                   f"{1000 * t_ar:6.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
+    out["paper"] = bench_paper_proportions(s)
     return out
 
 
-SPREAD = ("success", "heldout_success", "vqa_acc_after", "fast_token_acc", "first_action_mse")
+def smooth_trajectories(n, H, A, seed):
+    """(n, H, A) smooth synthetic action chunks in [-1, 1]: per dim a few low-frequency cosines (a 1 s chunk
+    of a many-DoF arm moves smoothly, which is what FAST compresses)."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, H)[None, :, None]  # (1, H, 1)
+    x = sum(rng.uniform(-0.5, 0.5, (n, 1, A)) * np.cos(np.pi * k * t + rng.uniform(0, 2 * np.pi, (n, 1, A)))
+            for k in range(4))
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def bench_paper_proportions(s, H=50, A=14, expert_width=80):
+    """Flow vs AR FAST latency at batch 1 with the paper's proportions instead of the toy's: a backbone ~5x the
+    expert's parameters, a 1 s chunk of a 14-DoF arm (H=50), and the FAST length this tokenizer gives such
+    chunks (scale 10 as in the FAST paper). Random weights: only the timing matters."""
+    tok = kivla.FASTTokenizer(10.0, 1024).fit(smooth_trajectories(2000, H, A, 0))
+    n_tok = float(np.mean([len(tok.encode(c)) for c in smooth_trajectories(200, H, A, 1)]))
+    cfg = kivla.Config(action_horizon=H, action_dim=A, state_dim=A, d_model=256, n_layer=6, n_head=8, head_dim=32,
+                       vit_width=128, expert_width=expert_width)
+    torch.manual_seed(0)
+    model = kivla.KIVLA(cfg, tok).eval()
+    p = model.num_params()
+    obs = dict(_sample_obs(), state=np.full(A, 0.5))
+    b = model.make_batch([obs])
+    t_flow = _median_time(lambda: model.sample_actions(b, num_steps=10))
+    t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=round(n_tok) + 1, stop_at_eos=False))
+    print(f"paper proportions (random weights, batch 1): backbone {p['backbone (VLM)'] / 1e6:.1f}M vs expert "
+          f"{p['action_expert'] / 1e6:.2f}M params ({p['backbone (VLM)'] / p['action_expert']:.1f}x), H={H} A={A}, "
+          f"FAST {n_tok:.1f} tokens/chunk | flow (10 Euler steps) {1000 * t_flow:.1f} ms | AR FAST "
+          f"({round(n_tok) + 1} tokens) {1000 * t_ar:.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
+    return {"fast_tokens": n_tok, "flow_s": t_flow, "ar_s": t_ar, "param_ratio": p["backbone (VLM)"] / p["action_expert"]}
+
+
+SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success", "vqa_acc_after",
+          "fast_token_acc", "first_action_mse")
 
 
 def summarize(runs):
@@ -647,14 +790,15 @@ def run(s, cfg):
         torch.use_deterministic_algorithms(True)
     if s["eval_only"]:
         return eval_only(s)
-    if s["bench"]:
+    if s["bench"] or s["figures"]:
         return bench(s, cfg)
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
     # 1) demonstrations (+ a few held-out expert episodes for the diagnostics)
-    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"])
+    train_tasks = kivla.task_splits(s["unseen_color"])["train"]
+    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks)
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
-    d_obs, d_chunks, _, _ = collect_demos(40 if not s["quick"] else 4, cfg.action_horizon, 0.0, DIAG_SEED)
+    d_obs, d_chunks, _, _ = collect_demos(40 if not s["quick"] else 4, cfg.action_horizon, 0.0, DIAG_SEED, train_tasks)
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
     # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
     init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
@@ -692,20 +836,21 @@ def run(s, cfg):
             m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
             runs.append(m)
             print(f"{v:5s} seed {seed} | success {m['success']:.3f} | held-out combos {m['heldout_success']:.3f} | "
-                  f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
+                  f"unseen colour {m['unseen_color_success']:.3f} | unseen wording {m['unseen_wording_success']:.3f} | FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
                   f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
         results.append(summarize(runs) if runs else None)
     if s["rank"] > 0:
         torch.distributed.destroy_process_group()
         return None
-    expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]))
+    expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), train_tasks)
     wall = time.time() - t_start
     for r in results:
         r.update(expert_success=expert_ok, wall_time_s=wall)
         if len(seeds) > 1:
-            print(f"{r['variant']:5s} over {len(seeds)} seeds: success {r['success']:.3f} ± {r['success_std']:.3f} "
-                  f"(worst {min(x['success'] for x in r['runs']):.3f}) | held-out combos {r['heldout_success']:.3f} ± "
-                  f"{r['heldout_success_std']:.3f} (worst {min(x['heldout_success'] for x in r['runs']):.3f})")
+            print(f"{r['variant']:5s} over {len(seeds)} seeds: " + " | ".join(
+                f"{name} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})" for k, name in
+                (("success", "success"), ("heldout_success", "held-out combos"), ("unseen_color_success", "unseen colour"),
+                 ("unseen_wording_success", "unseen wording"))))
     out = results[0] if len(results) == 1 else {"compare": results}
     with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
         json.dump(out, f, indent=2)
