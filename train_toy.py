@@ -82,7 +82,11 @@ QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_si
 SCALE_GPU = dict(batch_size=256, compile=True, patch_size=8, vit_width=128, vit_layers=4, d_model=256, n_layer=6,
                  n_head=8, head_dim=32, expert_width=128)
 CHOICES = dict(backbone=("toy", "hf-tiny"), scale=("cpu", "gpu"), unseen_color=("", *kivla.COLORS))
-EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000  # never trained on
+EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED, PROBE_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000
+# --compare: every variant from the same pretrained VLM, plus ki and joint without VQA co-training, which
+# separates the effect of the stop-gradient from the effect of co-training. (name, variant, setting overrides)
+COMPARE_ROWS = [("ki", "ki", {}), ("joint", "joint", {}), ("pi0", "pi0", {}), ("fast", "fast", {}),
+                ("ki_noVQA", "ki", {"vqa_frac": 0.0}), ("joint_noVQA", "joint", {"vqa_frac": 0.0})]
 
 
 def parse_args(argv):
@@ -245,7 +249,75 @@ def diagnostics(model, diag, num_steps):
         m = b["suffix_loss"]
         acc = (model.backbone.lm_head(h[m]).argmax(-1) == b["suffix_target"][m]).float().mean().item()
     first = model.predict_actions(b, num_steps)[:, 0].cpu()  # (N, A)
-    return {"fast_token_acc": acc, "first_action_mse": ((first - diag["actions"][:, 0]) ** 2).mean().item()}
+    # share of greedy AR FAST decodes that needed fixing (wrong length, stray ids, no "|"): the `fast` policy's
+    # own failure mode; ki and joint train the same head, so it is measured for them too
+    malformed = 1 - model.generate_fast_actions(b)[1].float().mean().item() if model.cfg.use_fast else float("nan")
+    return {"fast_token_acc": acc, "first_action_mse": ((first - diag["actions"][:, 0]) ** 2).mean().item(),
+            "malformed_fast": malformed}
+
+
+def probe_labels(vqa_obs):
+    """Question type (0 where, 1 which corner, 2 colour nearest a corner, 3 which moves) and class label per
+    VQA row: an 8 x 8 cell, a corner or a colour."""
+    kinds, labels = [], []
+    for o in vqa_obs:
+        word, a = o["instruction"].split()[0], o["answer"]
+        kind = {"where": 0, "which": 1, "what": 2, "you": 3}[word]
+        kinds.append(kind)
+        labels.append((a[0] * 8 // 256) * 8 + a[1] * 8 // 256 if kind == 0 else
+                      list(kivla.CORNERS).index(a) if kind == 1 else list(kivla.COLORS).index(a))
+    return torch.tensor(kinds), torch.tensor(labels)
+
+
+@torch.no_grad()
+def prefix_features(model, batch, bs=500):
+    """(N, D): the backbone's last-layer states averaged over the valid prefix tokens (image | question | state)."""
+    model.eval()
+    out = []
+    for i in range(0, len(batch["text"]), bs):
+        b = {k: v.to(model.device) for k, v in index(batch, slice(i, i + bs)).items()}
+        x, valid = model.backbone.embed_prefix(b)
+        h, _ = model.backbone(x, torch.arange(x.shape[1], device=x.device), kivla.prefix_lm_mask(valid, 0))
+        m = valid.unsqueeze(-1).to(h.dtype)
+        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+    return torch.cat(out)
+
+
+def probe_accuracy(model, probe, iters=50):
+    """Knowledge in the features, not the LM head: a linear classifier per question type on frozen prefix
+    features (fit on one VQA set, scored on the held-out one), mean accuracy over the types."""
+    (tr_batch, tr_kind, tr_y), (te_batch, te_kind, te_y) = probe
+    ftr, fte = prefix_features(model, tr_batch), prefix_features(model, te_batch)
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    accs = []
+    for k in range(4):
+        a, b = tr_kind == k, te_kind == k
+        if not a.any() or not b.any():
+            continue
+        lin = torch.nn.Linear(ftr.shape[1], int(tr_y.max()) + 1)
+        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(lin(ftr[a]), tr_y[a]) + 1e-3 * lin.weight.pow(2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        with torch.no_grad():
+            accs.append((lin(fte[b]).argmax(-1) == te_y[b]).float().mean().item())
+    return float(np.mean(accs))
+
+
+def steps_to(history, level=0.5):
+    """First step the curve's success reaches `level`, linearly interpolated between evaluations; NaN if never."""
+    s0, v0 = 0, 0.0
+    for r in history["eval"]:
+        if r["success"] >= level:
+            return s0 + (level - v0) / max(r["success"] - v0, 1e-9) * (r["step"] - s0)
+        s0, v0 = r["step"], r["success"]
+    return float("nan")
 
 
 def expert_success(seeds, tasks="train"):
@@ -604,10 +676,13 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         else (np.array([np.nan]), 0, [])
     ok_words, _, worded = rollouts(ema, splits["train"], seeds, *go, record=n_gif // 2, reword=True)
     metrics = {
-        "variant": cfg.variant, "seed": seed, "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
+        "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
+        "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
         "unseen_color_success": float(ok_color.mean()), "unseen_wording_success": float(ok_words.mean()),
         "unseen_color": s["unseen_color"], "eval_episodes": s["eval_episodes"], **diagnostics(ema, diag, s["num_steps"]),
         "vqa_acc_before": vqa_before, "vqa_acc_after": vqa_accuracy(ema, data["vqa_eval"]),
+        "probe_acc_before": data["probe_before"], "probe_acc_after": probe_accuracy(ema, data["probe"], data["probe_iters"]),
+        "steps_to_50pct": steps_to(history, 0.5), "curve": [(r["step"], r["success"]) for r in history["eval"]],
     }
     ema.cpu()
     metrics.update(latency_ms_per_chunk_b1=1000 * latency(ema, _sample_obs(), s["num_steps"]),
@@ -760,7 +835,93 @@ def bench_paper_proportions(s, H=50, A=14, expert_width=80):
 
 
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success", "vqa_acc_after",
-          "fast_token_acc", "first_action_mse")
+          "probe_acc_after", "steps_to_50pct", "fast_token_acc", "first_action_mse", "malformed_fast")
+# compare.md: (metric, column header, the paper's claim it measures)
+COMPARE_COLUMNS = [("success", "success in-dist", ""), ("heldout_success", "held-out combos", "generalize"),
+                   ("unseen_color_success", "unseen colour", "generalize"), ("unseen_wording_success", "unseen wording", "generalize"),
+                   ("vqa_acc_after", "VQA after (before {vqa_acc_before:.2f})", "retention: head"),
+                   ("probe_acc_after", "VQA probe after (before {probe_acc_before:.2f})", "retention: features"),
+                   ("steps_to_50pct", "steps to 50%", "train fast"), ("latency_ms_per_chunk_b1", "ms/chunk, batch 1", "run fast"),
+                   ("malformed_fast", "malformed FAST decodes", "")]
+
+
+def estimate_compare_time(s, cfg, tok, data, n_runs):
+    """Print the expected wall clock of --compare before starting it: training steps/s and the cost of an
+    evaluation episode (worst case: a policy that never succeeds), both measured on a throwaway model."""
+    torch.manual_seed(0)
+    m = build_model(s, cfg, tok).to(s["device"])
+    robot = m.make_batch(*[x[:256] for x in data["demos"]])
+    train(m, {**s, "seed": 0}, robot, data["vqa"], 2, s["vqa_frac"], "estimate")  # warm-up
+    t0 = time.perf_counter()
+    train(m, {**s, "seed": 0}, robot, data["vqa"], 5, s["vqa_frac"], "estimate")
+    sps = 5 / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    rollouts(m, "train", range(2), s["replan"], s["num_steps"])
+    per_episode = (time.perf_counter() - t0) / 2 / 4  # episodes run in lockstep batches: ~4x cheaper at 100+
+    n_eval = 4 * s["eval_episodes"] + min(50, s["eval_episodes"]) * (s["train_steps"] // s["eval_interval"])
+    minutes = n_runs * (s["train_steps"] / sps + n_eval * per_episode) / 60
+    print(f"compare: {n_runs} runs of {s['train_steps']} steps at {sps:.1f} steps/s + {n_eval} evaluation episodes each "
+          f"-> about {minutes:.0f} min on this machine")
+
+
+def fmt(vals, key):
+    vals = np.array(vals, float)
+    if key == "steps_to_50pct":
+        ok = vals[np.isfinite(vals)]
+        if len(ok) == 0:
+            return "not reached"
+        return f"{ok.mean():.0f} ± {ok.std():.0f}" + (f" ({len(ok)}/{len(vals)} reached)" if len(ok) < len(vals) else "")
+    if not np.isfinite(vals).any():
+        return "-"
+    return f"{vals.mean():.1f} ± {vals.std():.1f}" if key.startswith("latency") else f"{vals.mean():.3f} ± {vals.std():.3f}"
+
+
+def write_compare(results, s, path_md, path_png):
+    """compare.md: one row per variant, mean ± std over seeds; compare.png: success vs step with the spread."""
+    r0 = results[0]
+    head = [h.format(**r0) for _, h, _ in COMPARE_COLUMNS]
+    lines = [f"Robot training from one pretrained toy VLM, {s['train_steps']} steps, {r0['n_seeds']} seeds "
+             f"({', '.join(map(str, r0['seeds']))}), {s['eval_episodes']} held-out evaluation episodes per split; "
+             "mean ± std over seeds.", "",
+             "| variant | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
+             "| claim | " + " | ".join(c for _, _, c in COMPARE_COLUMNS) + " |"]
+    for r in results:
+        lines.append(f"| {r['runs'][0]['row']} | " + " | ".join(fmt([x[k] for x in r["runs"]], k) for k, _, _ in COMPARE_COLUMNS) + " |")
+    with open(path_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    # success vs step: mean line, min..max band over seeds
+    size, L, T, B, R = (760, 360), 46, 28, 30, 150
+    img = Image.new("RGB", size, "white")
+    dr = ImageDraw.Draw(img)
+    xmax = max(st for r in results for x in r["runs"] for st, _ in x["curve"])
+    X = lambda st: L + st / xmax * (size[0] - L - R)  # noqa: E731
+    Y = lambda v: T + (1 - v) * (size[1] - T - B)  # noqa: E731
+    dr.rectangle([L, T, size[0] - R, size[1] - B], outline=(150, 150, 150))
+    for v in (0.0, 0.5, 1.0):
+        dr.text((8, Y(v) - 6), f"{v:.1f}", fill="black")
+    dr.text((L, 8), "success (curve seeds) vs robot-training step: mean over seeds, band = min..max", fill="black")
+    dr.text((size[0] - R - 60, size[1] - B + 8), f"step {xmax}", fill="black")
+    palette = [(30, 150, 60), (200, 60, 40), (40, 90, 200), (150, 60, 160), (120, 200, 130), (240, 150, 130)]
+    for i, r in enumerate(results):
+        steps = [st for st, _ in r["runs"][0]["curve"]]
+        v = np.array([[val for _, val in x["curve"]] for x in r["runs"]])  # (seeds, points)
+        c = palette[i % len(palette)]
+        light = tuple(int(255 - 0.25 * (255 - ch)) for ch in c)
+        if len(steps) > 1:
+            band = [(X(st), Y(hi)) for st, hi in zip(steps, v.max(0))] + [(X(st), Y(lo)) for st, lo in zip(steps[::-1], v.min(0)[::-1])]
+            dr.polygon(band, fill=light)
+    for i, r in enumerate(results):
+        steps = [st for st, _ in r["runs"][0]["curve"]]
+        v = np.array([[val for _, val in x["curve"]] for x in r["runs"]]).mean(0)
+        c = palette[i % len(palette)]
+        pts = [(X(st), Y(val)) for st, val in zip(steps, v)]
+        if len(pts) > 1:
+            dr.line(pts, fill=c, width=2)
+        for x, y in pts:
+            dr.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
+        dr.text((size[0] - R + 10, T + 16 * i), r["runs"][0]["row"], fill=c)
+    img.save(path_png)
+
 
 
 def summarize(runs):
@@ -812,31 +973,39 @@ def run(s, cfg):
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
     if init:
         load_vlm_weights(model, init["model"])  # fail now, not after the data is made
+    vqa_probe = make_vqa_set(2000 if not s["quick"] else 200, PROBE_SEED)
+    vqa_eval = make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED)
     data = {"demos": (obs, chunks), "diag": ([d_obs[i] for i in pick], d_chunks[pick]),
-            "vqa": model.make_batch(make_vqa_set(s["n_vqa"], s["seed"])),
-            "vqa_eval": model.make_batch(make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED))}
+            "vqa": model.make_batch(make_vqa_set(s["n_vqa"], s["seed"])), "vqa_eval": model.make_batch(vqa_eval),
+            "probe": ((model.make_batch(vqa_probe), *probe_labels(vqa_probe)), (model.make_batch(vqa_eval), *probe_labels(vqa_eval)))}
     if init:
         weights, vqa_before = init["model"], init.get("vqa_acc", float("nan"))
         print(f"VLM weights from {s['init_from']} (VQA accuracy {vqa_before:.3f})")
     else:
         weights, vqa_before = pretrain_vlm(s, cfg, tok, data["vqa"], data["vqa_eval"])
         print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes ({time.time() - t_start:.0f} s so far)")
+    load_vlm_weights(model, weights)
+    data["probe_iters"] = 50 if not s["quick"] else 10
+    data["probe_before"] = probe_accuracy(model.to(s["device"]), data["probe"], data["probe_iters"])
     # 4) + 5) robot training and evaluation: one variant or all of them, for --seeds training seeds each
-    variants = kivla.VARIANTS if s["compare"] else (cfg.variant,)
+    rows = COMPARE_ROWS if s["compare"] else [(cfg.variant, cfg.variant, {})]
     seeds = [s["seed"] + i for i in range(s["seeds"])]
+    if s["compare"] and s["rank"] == 0:
+        estimate_compare_time(s, cfg, tok, data, len(rows) * len(seeds))
     results = []
-    for v in variants:
+    for name, v, override in rows:
         c = kivla.Config(**{**asdict(cfg), "variant": v})
         runs = []
         for seed in seeds:
-            tag = (f"_{v}" if s["compare"] else "") + (f"_seed{seed}" if len(seeds) > 1 else "")
-            m = run_variant(s, c, tok, data, weights, vqa_before, seed, tag)
+            tag = (f"_{name}" if s["compare"] else "") + (f"_seed{seed}" if len(seeds) > 1 else "")
+            m = run_variant({**s, **override}, c, tok, data, weights, vqa_before, seed, tag)
             if m is None:  # not rank 0
                 continue
-            m.update(fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
+            m.update(row=name, fast_tokens_per_chunk=float(n_fast), demo_samples=len(obs))
             runs.append(m)
-            print(f"{v:5s} seed {seed} | success {m['success']:.3f} | held-out combos {m['heldout_success']:.3f} | "
-                  f"unseen colour {m['unseen_color_success']:.3f} | unseen wording {m['unseen_wording_success']:.3f} | FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
+            print(f"{name:5s} seed {seed} | success {m['success']:.3f} | held-out combos {m['heldout_success']:.3f} | "
+                  f"unseen colour {m['unseen_color_success']:.3f} | unseen wording {m['unseen_wording_success']:.3f} | "
+                  f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
                   f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
         results.append(summarize(runs) if runs else None)
     if s["rank"] > 0:
@@ -847,13 +1016,16 @@ def run(s, cfg):
     for r in results:
         r.update(expert_success=expert_ok, wall_time_s=wall)
         if len(seeds) > 1:
-            print(f"{r['variant']:5s} over {len(seeds)} seeds: " + " | ".join(
+            print(f"{r['runs'][0]['row']:5s} over {len(seeds)} seeds: " + " | ".join(
                 f"{name} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})" for k, name in
                 (("success", "success"), ("heldout_success", "held-out combos"), ("unseen_color_success", "unseen colour"),
                  ("unseen_wording_success", "unseen wording"))))
-    out = results[0] if len(results) == 1 else {"compare": results}
+    out = results[0] if not s["compare"] else {"compare": results}
     with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
         json.dump(out, f, indent=2)
+    if s["compare"]:
+        write_compare(results, s, os.path.join(s["out_dir"], "compare.md"), os.path.join(s["out_dir"], "compare.png"))
+        print(open(os.path.join(s["out_dir"], "compare.md")).read())
     print(f"scripted expert on the same seeds: {expert_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
     if s["world"] > 1:
         torch.distributed.destroy_process_group()
