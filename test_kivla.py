@@ -469,7 +469,7 @@ def overfit(m, batch, lr, steps):
 def test_overfit_a_handful_of_samples(demo):
     obs, chunks, tok = demo
     m = tiny(tok, "ki")
-    first, last = overfit(m, m.make_batch(obs, chunks), 5e-3, 100)
+    first, last = overfit(m, m.make_batch(obs, chunks), 1e-2, 70)
     assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 4
 
 
@@ -615,7 +615,7 @@ def test_hf_backbone_overfits_a_handful_of_samples(demo):
 
 TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--train_steps=6", "--eval_episodes=2",
             "--eval_interval=6", "--gif_episodes=1", "--batch_size=8", "--d_model=32", "--n_layer=2", "--n_head=2",
-            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--replan=10", "--num_steps=3"]
+            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--replan=10", "--num_steps=2"]
 
 
 TIMING = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "run_time_s", "wall_time_s")

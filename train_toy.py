@@ -5,16 +5,19 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   2. fit the FAST tokenizer on the demo action chunks
   3. toy "VLM pretraining": VQA about random scenes (the knowledge a real VLM would bring)
   4. robot training with knowledge insulation, co-trained with VQA
-  5. closed-loop evaluation: in-distribution and held-out instruction combinations, VQA retention
+  5. closed-loop evaluation: in-distribution, held-out combinations, unseen colour, unseen wording; VQA retention
   6. outputs in --out_dir: ckpt.pt, pretrained.pt, metrics.json, curves.png, rollouts.gif
 
   python train_toy.py                                  # default run (see README for time and numbers)
   python train_toy.py --seeds=3                        # 3 robot-training seeds from one pretraining: mean ± std
   python train_toy.py --quick                          # the whole pipeline in about a minute
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
-  python train_toy.py --compare --init_from=out/pretrained.pt    # all four variants, one table
+  python train_toy.py --compare --seeds=3 --init_from=out/pretrained.pt   # every variant + no-VQA ablations: compare.md
   python train_toy.py --eval_only --init_from=out/ckpt.pt --instruction="push the blue block to the top right corner"
   python train_toy.py --bench [--init_from=out/ckpt.pt]          # training steps/s vs matmul, FAST, env, flow vs AR
+  python train_toy.py --figures                                  # attention.png and fast_tokens.png
+  python train_toy.py --backbone=hf-tiny --quick                 # a tiny random HuggingFace PaliGemma as the VLM
+  torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # DistributedDataParallel, one process per device
 """
 
 import contextlib
@@ -42,7 +45,7 @@ SETTINGS = dict(
     device="auto",          # auto | cpu | cuda | mps
     amp=True,               # bf16 autocast on cuda (ignored elsewhere); --amp=false trains in fp32
     quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
-    compare=False,          # train every variant (ki, joint, pi0, fast) from the same pretraining, one table
+    compare=False,          # every variant + ki/joint without VQA from one pretraining: compare.md, compare.png
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
     figures=False,          # write attention.png and fast_tokens.png into --out_dir and exit (--bench does too)
@@ -343,10 +346,10 @@ def _median_time(fn, reps=15):
     return float(np.median(ts))
 
 
-def latency(model, obs, num_steps):
+def latency(model, obs, num_steps, reps=20):
     """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding)."""
     b = model.make_batch([obs])
-    return _median_time(lambda: model.predict_actions(b, num_steps), reps=20)
+    return _median_time(lambda: model.predict_actions(b, num_steps), reps=reps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,7 +688,7 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         "steps_to_50pct": steps_to(history, 0.5), "curve": [(r["step"], r["success"]) for r in history["eval"]],
     }
     ema.cpu()
-    metrics.update(latency_ms_per_chunk_b1=1000 * latency(ema, _sample_obs(), s["num_steps"]),
+    metrics.update(latency_ms_per_chunk_b1=1000 * latency(ema, _sample_obs(), s["num_steps"], 20 if not s["quick"] else 3),
                    batched_eval_ms_per_chunk=1000 * chunk_s, train_time_s=train_time,
                    run_time_s=time.time() - t_start, device=s["device"], train_steps=s["train_steps"])
     out = s["out_dir"]
