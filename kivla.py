@@ -761,6 +761,12 @@ class Backbone(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
 
+    def init_film(self):
+        """Strong random FiLM from the start: colour words change the image tokens at once, which shortens
+        the grounding plateau (see ViT)."""
+        if self.vit.film is not None:
+            nn.init.normal_(self.vit.film.weight, std=0.3)
+
     def embed_prefix(self, batch):
         """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
         img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
@@ -870,9 +876,8 @@ class KIVLA(nn.Module):
         self.action_expert = ActionExpert(cfg)
         for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
             m.apply(self._init_weights)  # a real VLM keeps its own (pre-trained) weights
-        film = getattr(getattr(self.backbone, "vit", None), "film", None)
-        if film is not None:  # strong random FiLM from the start: colour words change the image tokens
-            nn.init.normal_(film.weight, std=0.3)  # at once, which shortens the grounding plateau
+        if backbone is None:  # last, as it always was: the random stream (and so every result) is unchanged
+            self.backbone.init_film()
 
     @staticmethod
     def _init_weights(m):

@@ -421,7 +421,7 @@ def draw_attention(model, obs, chunk, path, cell=9):
                 c = "exp" if k >= Tp + Ts and exp[Tp + k - Tp - Ts] else None
             x, y = L + k * cell, top + q * cell
             dr.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colors[c] if c else (238, 238, 238))
-    n_img = model.cfg.n_image_tokens if hasattr(model.backbone, "vit") else Tp - model.cfg.text_len - model.cfg.state_dim
+    n_img = Tp - model.cfg.text_len - model.cfg.state_dim  # whatever the backbone's image tokenizer gives
     segments = [("image", n_img), ("instruction", model.cfg.text_len), ("state", model.cfg.state_dim),
                 ("FAST", Ts), ("actions", H)]
     start = 0
