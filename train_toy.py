@@ -265,7 +265,7 @@ def probe_labels(vqa_obs):
     kinds, labels = [], []
     for o in vqa_obs:
         word, a = o["instruction"].split()[0], o["answer"]
-        kind = {"where": 0, "which": 1, "what": 2, "you": 3}[word]
+        kind = {"where": 0, "push": 0, "which": 1, "what": 2, "you": 3}[word]
         kinds.append(kind)
         labels.append((a[0] * 8 // 256) * 8 + a[1] * 8 // 256 if kind == 0 else
                       list(kivla.CORNERS).index(a) if kind == 1 else list(kivla.COLORS).index(a))
@@ -642,8 +642,11 @@ def build_model(s, cfg, tok):
 
 def load_vlm_weights(model, weights):
     """Every VLM weight, strictly; the action expert keeps its fresh init (pretraining never trains it)."""
-    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("action_expert.")},
-                                                strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("action_expert.")},
+                                                    strict=False)
+    except RuntimeError as e:  # a shape differs: e.g. the toy vocabulary of an older kivla
+        raise SystemExit(f"error: the VLM weights do not fit this model (from an older kivla?): {str(e)[:300]}") from None
     if unexpected or any(not k.startswith("action_expert.") for k in missing):
         raise SystemExit(f"error: the VLM weights do not fit this model (from an older kivla, or another --backbone?); "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
