@@ -764,3 +764,18 @@ def test_bad_cli_input_exits_with_a_message_not_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "train_toy.py", "--variant=bogus", f"--out_dir={tmp_path}"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "variant" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grounding_questions_ask_where_the_block_an_instruction_names_is():
+    env = kivla.PushEnv()
+    env.reset(seed=3)
+    rng, vocab = np.random.default_rng(0), kivla.Vocab(256)
+    qs = [kivla.make_vqa(env, rng) for _ in range(400)]
+    grounding = [(q, a) for q, a in qs if q.startswith("push ")]
+    assert 0.15 < len(grounding) / len(qs) < 0.3, "half of the 45% 'where' questions"
+    for q, a in grounding:
+        color, corner = q.split()[2], " ".join(q.split()[6:8])
+        assert q == kivla.INSTRUCTION.format(color=color, corner=corner) + " where is it"
+        assert a == kivla.position_bins(env.blocks[env.colors.index(color)]) and vocab.words(q)[1] == []
+    kinds, labels = train_toy.probe_labels([{"instruction": q, "answer": a} for q, a in grounding])
+    assert (kinds == 0).all() and (labels < 64).all()
