@@ -455,8 +455,9 @@ def make_vqa(env, rng):
     i = int(rng.integers(3))
     color, pos = env.colors[i], env.blocks[i]
     if kind == 0:
-        if rng.random() < 0.5:  # without these, 3 of 3 VLMs pretrained from seed 0 under AVX2 kernels were slow
-            said = INSTRUCTION.format(color=color, corner=list(CORNERS)[rng.integers(4)])  # to learn actions from
+        # grounding in the robot's own words (README "Other float orders": without it, some VLMs learn actions slowly)
+        if rng.random() < 0.5:
+            said = INSTRUCTION.format(color=color, corner=list(CORNERS)[rng.integers(4)])
             return f"{said} where is it", position_bins(pos)
         return f"where is the {color} block", position_bins(pos)
     if kind == 1:

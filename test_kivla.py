@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 
 import gymnasium
 import numpy as np
@@ -779,3 +780,16 @@ def test_grounding_questions_ask_where_the_block_an_instruction_names_is():
         assert a == kivla.position_bins(env.blocks[env.colors.index(color)]) and vocab.words(q)[1] == []
     kinds, labels = train_toy.probe_labels([{"instruction": q, "answer": a} for q, a in grounding])
     assert (kinds == 0).all() and (labels < 64).all()
+
+
+def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_path):
+    obs, chunks, tok = demo
+    m = tiny(tok)
+    ck = {"model": m.state_dict(), "config": asdict(m.cfg), "fast_tokenizer": tok.state_dict()}
+    for k in ("backbone.embed.weight", "backbone.lm_head.weight"):  # one word fewer, as before "it" was added
+        ck["model"][k] = ck["model"][k][1:]
+    torch.save(ck, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        kivla.KIVLA.from_checkpoint(tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="^error: the VLM weights do not fit"):
+        train_toy.load_vlm_weights(m, ck["model"])
