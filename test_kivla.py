@@ -754,7 +754,8 @@ def test_robot_demos_never_contain_the_evaluation_splits_and_only_vqa_has_the_un
 
 @pytest.mark.parametrize("arg,msg", [("--no_such_key=3", "no_such_key"), ("--variant=bogus", "variant"),
                                      ("--batch_size=abc", "batch_size"), ("--quick=maybe", "quick"),
-                                     ("--seeds=0", "seeds"), ("--backbone=llama", "backbone")])
+                                     ("--seeds=0", "seeds"), ("--backbone=llama", "backbone"),
+                                     ("--pretrain_blocks=0", "pretrain_blocks")])
 def test_bad_cli_input(arg, msg):
     with pytest.raises(SystemExit) as e:
         train_toy.parse_args([arg])
@@ -793,3 +794,27 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
         kivla.KIVLA.from_checkpoint(tmp_path / "old.pt")
     with pytest.raises(SystemExit, match="^error: the VLM weights do not fit"):
         train_toy.load_vlm_weights(m, ck["model"])
+
+
+@pytest.mark.parametrize("min_vqa, blocks", [(0.0, 1), (1.01, 2)])
+def test_a_vlm_still_on_the_grounding_plateau_gets_another_pretraining_block(demo, tmp_path, monkeypatch, min_vqa, blocks):
+    """While held-out VQA accuracy is under pretrain_min_vqa, pretraining goes on for another block: new batches,
+    from the last block's EMA weights, at most pretrain_blocks in all. A VLM above the bar gets one block."""
+    obs, chunks, tok = demo
+    s, cfg = train_toy.parse_args(TINY_RUN + [f"--out_dir={tmp_path}", f"--pretrain_min_vqa={min_vqa}", "--pretrain_blocks=2"])
+    s.update(rank=0, world=1, device="cpu")
+    calls, real_train = [], train_toy.train
+
+    def spy(model, s_, *args, **kw):
+        calls.append((s_["seed"], {k: v.clone() for k, v in model.state_dict().items()}))
+        ema = real_train(model, s_, *args, **kw)
+        calls[-1] += ({k: v.clone() for k, v in ema.state_dict().items()},)
+        return ema
+    monkeypatch.setattr(train_toy, "train", spy)
+    vqa = tiny(tok).make_batch(train_toy.make_vqa_set(40, 0))
+    weights, acc = train_toy.pretrain_vlm(s, kivla.Config(**{**asdict(cfg), **TINY}), tok, vqa, vqa)
+    assert [seed for seed, *_ in calls] == [s["seed"] + i for i in range(blocks)]
+    if blocks == 2:  # the second block starts from the first block's EMA weights, and its EMA is what is kept
+        assert all(torch.equal(calls[1][1][k], calls[0][2][k]) for k in calls[0][2])
+    assert all(torch.equal(weights[k], calls[-1][2][k]) for k in weights)
+    assert torch.load(tmp_path / "pretrained.pt", weights_only=True)["vqa_acc"] == acc
