@@ -546,6 +546,7 @@ class Config:
     patch_size: int = 16        # -> (S / patch)^2 image tokens (16): few tokens keep the CPU budget
     vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs (Xiao et al. 2021) | "patchify": one conv
     film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
+    coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB (CoordConv)
     vit_width: int = 64
     vit_layers: int = 2
     d_model: int = 64           # backbone width (Gemma analog)
@@ -686,13 +687,19 @@ class ViT(nn.Module):
     def __init__(self, cfg, n_words):
         super().__init__()
         w = cfg.vit_width
+        # Toy-scale deviation (README "Deviations"): convs are translation-equivariant, but every answer and
+        # action here needs absolute position ("where is the red block", "the top left corner"). Two input
+        # channels holding each pixel's x and y give it from step 0 (CoordConv, Liu et al. 2018 [8]);
+        # coord_stem=False removes them.
+        self.coord = cfg.coord_stem
+        c_in = 5 if cfg.coord_stem else 3
         if cfg.vit_stem == "conv":  # Xiao et al. 2021: 3x3 stride-2 convs see better than one big patchify
             n = int(math.log2(cfg.patch_size))
-            chans = [3] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
+            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
             self.stem = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
         else:
-            chans = [3, w]
-            self.stem = nn.ModuleList([nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size)])
+            chans = [c_in, w]
+            self.stem = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
         # Toy-scale deviation (README "Deviations"): a from-scratch ViT on a few thousand steps does not
         # learn which blob "red" names if text meets pixels only inside the backbone. Letting the words
         # FiLM-modulate the hidden stem channels (early fusion) fixes that; film_stem=False removes it.
@@ -705,6 +712,10 @@ class ViT(nn.Module):
     def forward(self, image, text=None, text_valid=None):
         """image uint8 (B, S, S, 3), text ids (B, Tt) -> image tokens (B, Ti, D)."""
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        if self.coord:
+            B, _, S, _ = x.shape
+            c = torch.linspace(-1, 1, S, device=x.device).expand(B, 1, S, S)  # (B, 1, S, S): x, left to right
+            x = torch.cat([x, c, c.transpose(2, 3)], 1)  # (B, 5, S, S): RGB | x | y
         film = None
         if self.film is not None:
             m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): mean of the real words' embeddings
