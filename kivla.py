@@ -547,6 +547,7 @@ class Config:
     vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs (Xiao et al. 2021) | "patchify": one conv
     film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
     coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB (CoordConv)
+    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3; see Block)
     vit_width: int = 64
     vit_layers: int = 2
     d_model: int = 64           # backbone width (Gemma analog)
@@ -638,7 +639,7 @@ class Block(nn.Module):
     ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
     (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
 
-    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0):
+    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0, qk_norm=False):
         super().__init__()
         self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
         assert n_head % self.n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}"
@@ -650,6 +651,10 @@ class Block(nn.Module):
         self.fc_down = nn.Linear(4 * width, width, bias=False)
         # pi0.5's adaRMSNorm: the condition predicts a scale, shift and gate per sub-block
         self.ada = nn.Linear(cond_dim, 6 * width) if cond_dim else None
+        # QK-norm (Henry et al. 2020; ViT-22B; Gemma 3 [9]): each head's queries and keys are RMS-normalised, so
+        # attention logits start at about unit size instead of ~0 (std-0.02 weights). Without it, half the toy
+        # VLMs' attention stays uniform for 1500 steps: the grounding plateau (README "QK-norm").
+        self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm else (None, None)
 
     def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
         """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nkv, T, hs).
@@ -666,6 +671,8 @@ class Block(nn.Module):
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(h).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
         q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs), 2x (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rot is not None:
             q, k = rope(q, *rot), rope(k, *rot)
         kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
@@ -705,7 +712,7 @@ class ViT(nn.Module):
         # FiLM-modulate the hidden stem channels (early fusion) fixes that; film_stem=False removes it.
         self.film = nn.Embedding(n_words, 2 * sum(chans[1:-1])) if cfg.film_stem and len(chans) > 2 else None
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))  # learned 2-D positions, flattened
-        self.blocks = nn.ModuleList(Block(w, 4, w // 4) for _ in range(cfg.vit_layers))
+        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm) for _ in range(cfg.vit_layers))
         self.norm = RMSNorm(w)
         self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
 
@@ -774,7 +781,7 @@ class Backbone(nn.Module):
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
         self.embed = nn.Embedding(vocab.size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
@@ -826,7 +833,7 @@ class ActionExpert(nn.Module):
         w = cfg.expert_width
         self.in_proj = nn.Linear(cfg.action_dim, w)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head)
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(w)
         self.out_proj = nn.Linear(w, cfg.action_dim)

@@ -845,3 +845,20 @@ def test_coord_stem_feeds_each_pixels_x_and_y_beside_rgb(stem):
     assert torch.equal(x[:, 4], ramp[:, None].expand(2, 64, 64)), "channel 4 is y: top (-1) to bottom (+1)"
     plain = kivla.ViT(kivla.Config(vit_stem=stem, coord_stem=False), 50)
     assert plain.stem[0].in_channels == 3 and plain(img, text, valid).shape == (2, 16, cfg.d_model)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
+    """QK-norm RMS-normalises every head's queries and keys: scaling the q and k rows of the projection
+    (here 0.02 -> 10x) leaves the block's output unchanged. Without it the attention logits grow 100x."""
+    torch.manual_seed(0)
+    x, rot = torch.randn(2, 7, 64), kivla.rope_angles(torch.arange(7), 16)
+    for qk_norm in (True, False):
+        blk = kivla.Block(64, 4, 16, qk_norm=qk_norm)
+        torch.nn.init.normal_(blk.qkv.weight, std=0.02)
+        y0, _ = blk(x, rot)
+        with torch.no_grad():
+            blk.qkv.weight[:2 * 64] *= 10  # the q rows and the k rows (4 heads x 16 each); v unchanged
+        y1, _ = blk(x, rot)
+        assert torch.allclose(y0, y1, atol=1e-5) == qk_norm
+    assert [n for n, _ in kivla.Block(64, 4, 16, qk_norm=True).named_parameters() if "_norm" in n] == ["q_norm.weight", "k_norm.weight"]
+    assert not any("q_norm" in n for n, _ in kivla.KIVLA(kivla.Config(qk_norm=False), tok).named_parameters())

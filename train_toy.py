@@ -61,10 +61,10 @@ SETTINGS = dict(
     fast_scale=4.0,         # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
-    pretrain_steps=1500,    # toy VLM pretraining steps (VQA only), per block
+    pretrain_steps=1000,    # toy VLM pretraining steps (VQA only), per block
     pretrain_min_vqa=0.6,   # a VLM under this held-out VQA accuracy is still on the grounding plateau: restart
     pretrain_blocks=4,      # at most this many pretraining blocks (the first + restarts)
-    train_steps=6000,       # robot training steps
+    train_steps=3000,       # robot training steps
     batch_size=64,
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
     lr=3e-3,                # robot training
@@ -74,7 +74,7 @@ SETTINGS = dict(
     weight_decay=0.01,
     grad_clip=1.0,
     ema=0.998,              # EMA of the weights, used for evaluation
-    eval_interval=1000,     # steps between quick evaluations (for the curve)
+    eval_interval=500,      # steps between quick evaluations (for the curve)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
     replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
@@ -717,7 +717,8 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
     word names is), and robot training on it fails or crawls, even if more pretraining lifts its VQA later
     (README "More VLMs"). So it is dropped, and the next block starts again from a fresh random init (seed +
     1000 * block) on new batches: a restart, up to pretrain_blocks in all. Every VLM that left the plateau
-    within its first block learned robot actions well; a restart is another such draw."""
+    within its first block learned robot actions well; a restart is another such draw. Since QK-norm (kivla.Block)
+    no VLM has needed one: it stays as a guard."""
     for block in range(s["pretrain_blocks"]):
         torch.manual_seed(s["seed"] + 1000 * block)  # block 0: the run's own seed, as always
         model = build_model(s, kivla.Config(**{**asdict(cfg), "variant": "ki"}), tok).to(s["device"])
