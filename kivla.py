@@ -37,6 +37,7 @@ here for real robot data outside [-1, 1]; the toy's velocity actions need none.
 Deliberately not here: multiple cameras, real-robot I/O. (Distributed training: train_toy.py, torchrun.)
 """
 
+import inspect
 import math
 import string
 from dataclasses import dataclass, asdict, replace
@@ -1202,10 +1203,12 @@ class HFBackbone(nn.Module):
         """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF uses a 4-D
         mask as given), the cache as a list of per-layer (k, v), and the keys/values come back the same way."""
         from transformers import DynamicCache
+        lm = self.hf.model.language_model
         past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
-        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos[None],
-                                           cache=past, use_cache=True)
-        return out.last_hidden_state, [(layer.keys, layer.values) for layer in out.cache.layers]
+        # newer transformers (5.24) call it cache, older ones (5.17) past_key_values (argument and output): either
+        key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        out = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos[None], use_cache=True, **{key: past})
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in getattr(out, key).layers]
 
 
 def tiny_paligemma(cfg, fast_vocab_size):

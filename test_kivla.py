@@ -685,7 +685,8 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
     pytest.importorskip("transformers", minversion="5")
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_toy.py",
-                        *TINY_RUN, "--backbone=hf-tiny", f"--out_dir={out}"], capture_output=True, text=True, timeout=120)
+                        *TINY_RUN, "--backbone=hf-tiny", "--device=cpu", f"--out_dir={out}"], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("DDP: parameters identical on all 2 ranks") == 2  # after pretraining and robot training
     assert r.stdout.count("ki    seed 0 | success") == 1 and r.stdout.count("parameters: backbone") == 1
@@ -701,7 +702,7 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
 
 
 def test_scale_gpu_setting_has_the_promised_shapes_and_trains_on_cpu():
-    s, cfg = train_toy.parse_args(["--scale=gpu", "--batch_size=4", "--compile=false"])
+    s, cfg = train_toy.parse_args(["--scale=gpu", "--batch_size=4"])
     assert s["batch_size"] == 4 and not s["compile"] and train_toy.parse_args(["--scale=gpu"])[0]["batch_size"] == 256
     assert cfg.n_image_tokens == 64 and cfg.d_model == 256 and cfg.n_layer == 6
     obs, chunks, _, _ = train_toy.collect_demos(2, cfg.action_horizon, 0.3, seed=0)
