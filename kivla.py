@@ -782,8 +782,8 @@ class Backbone(nn.Module):
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
         self.embed = nn.Embedding(vocab.size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
-                                    for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head,
+                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
@@ -834,8 +834,8 @@ class ActionExpert(nn.Module):
         w = cfg.expert_width
         self.in_proj = nn.Linear(cfg.action_dim, w)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
-                                    for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head,
+                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(w)
         self.out_proj = nn.Linear(w, cfg.action_dim)
         self.rope_theta = cfg.rope_theta
@@ -1170,6 +1170,9 @@ class HFBackbone(nn.Module):
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
         self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
+        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values` (argument and output)
+        lm_args = inspect.signature(hf_model.model.language_model.forward).parameters
+        self.cache_name = "cache" if "cache" in lm_args else "past_key_values"
 
     def architecture(self):
         """What from_architecture needs to rebuild this model with random weights (a checkpoint has the rest)."""
@@ -1203,12 +1206,10 @@ class HFBackbone(nn.Module):
         """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF uses a 4-D
         mask as given), the cache as a list of per-layer (k, v), and the keys/values come back the same way."""
         from transformers import DynamicCache
-        lm = self.hf.model.language_model
         past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
-        # newer transformers (5.24) call it cache, older ones (5.17) past_key_values (argument and output): either
-        key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        out = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos[None], use_cache=True, **{key: past})
-        return out.last_hidden_state, [(layer.keys, layer.values) for layer in getattr(out, key).layers]
+        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos[None],
+                                           use_cache=True, **{self.cache_name: past})
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in getattr(out, self.cache_name).layers]
 
 
 def tiny_paligemma(cfg, fast_vocab_size):
