@@ -615,24 +615,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return rms_norm(x, self.weight)
+
+
+def rms_norm(x, weight):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 
 
 def rope_angles(pos, head_dim, theta=10000.0):
-    """Rotary position embedding (RoFormer, Su et al. 2021) angles for integer positions (T,) -> cos, sin, each (T, hs/2).
-    Computed once per forward pass and shared by every layer. Same frequencies as HF Gemma's rotary embedding."""
+    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin, each (T, hs).
+    Computed once per forward pass and shared by every layer. Same frequencies as HF Gemma's rotary embedding.
+    sin carries the rotation's sign ([-sin | sin]), so that rope() is two multiplies and an add."""
     half = head_dim // 2
     freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
     ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
-    return ang.cos(), ang.sin()
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # (T, hs) each
 
 
 def rope(x, cos, sin):
-    """Rotate (..., T, hs) by the angles (T, hs/2): the pair (x[i], x[i + hs/2]) turns by angle i."""
+    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i, i.e.
+    [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
     half = x.shape[-1] // 2
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([x[..., half:], x[..., :half]], -1) * sin.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -663,27 +668,30 @@ class Block(nn.Module):
         past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
         mask: bool (B, 1, T, Tpast + T), True = may attend."""
         B, T, _ = x.shape
-        if self.ada is None:
-            s1, b1, g1, s2, b2, g2 = 1.0, 0.0, 1.0, 1.0, 0.0, 1.0
-        else:  # adaRMSNorm: (1 + scale), shift and (1 + gate) per sub-block, the identity at zero
+        s1 = b1 = g1 = s2 = b2 = g2 = None  # ViT and backbone: plain pre-norm (no identity multiplies to pay for)
+        if self.ada is not None:  # adaRMSNorm: (1 + scale), shift and (1 + gate) per sub-block, the identity at zero
             s1, b1, g1, s2, b2, g2 = [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]  # (B, 1, W) each
             s1, g1, s2, g2 = 1 + s1, 1 + g1, 1 + s2, 1 + g2
-        h = self.norm1(x) * s1 + b1
+        h = self.norm1(x) if s1 is None else self.norm1(x) * s1 + b1
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(h).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs), 2x (B, nkv, T, hs)
+        qkv = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2 nkv, T, hs): [q | k | v] heads
+        qk, v = qkv.split([nh + nkv, nkv], 1)
+        # queries and keys go through the norm and RoPE together: half as many of these small ops, which
+        # is where a CPU step of the toy spends its time (README "Speed")
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs), self.k_norm.weight.expand(nkv, 1, hs)]))
         if rot is not None:
-            q, k = rope(q, *rot), rope(k, *rot)
+            qk = rope(qk, *rot)
+        q, k = qk.split([nh, nkv], 1)  # (B, nh, T, hs), (B, nkv, T, hs)
         kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
         if nkv < nh:  # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head)
             kk, vv = kk.repeat_interleave(nh // nkv, 1), vv.repeat_interleave(nh // nkv, 1)
         a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
-        x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, T, -1))
-        h = self.norm2(x) * s2 + b2
-        x = x + g2 * self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # GeGLU, as in Gemma
-        return x, (k, v)
+        a = self.proj(a.transpose(1, 2).reshape(B, T, -1))  # (B, T, W)
+        x = x + (a if g1 is None else g1 * a)
+        h = self.norm2(x) if s2 is None else self.norm2(x) * s2 + b2
+        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W), GeGLU as in Gemma
+        return x + (m if g2 is None else g2 * m), (k, v)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -863,3 +863,31 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
         assert torch.allclose(y0, y1, atol=1e-5) == qk_norm
     assert [n for n, _ in kivla.Block(64, 4, 16, qk_norm=True).named_parameters() if "_norm" in n] == ["q_norm.weight", "k_norm.weight"]
     assert not any("q_norm" in n for n, _ in kivla.KIVLA(kivla.Config(qk_norm=False), tok).named_parameters())
+
+
+def test_the_default_cpu_run_trains_in_one_process_per_core(tmp_path, capfd, monkeypatch):
+    """On CPU `python train_toy.py` trains in 2 processes with half the threads each (DDP over gloo, as torchrun
+    would) and shares the evaluation episodes out among them; the result is rank 0's metrics.json. One core,
+    --quick, GPUs, torchrun and the non-training modes stay in one process."""
+    s, _ = train_toy.parse_args([])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert train_toy.cpu_processes({**s, "device": "cpu"}) == 2  # 2 by default, a divisor of the batch
+    assert train_toy.cpu_processes({**s, "device": "cpu", "batch_size": 33}) == 1
+    assert train_toy.cpu_processes({**s, "device": "cpu", "procs": 3, "batch_size": 33}) == 3
+    assert train_toy.cpu_processes({**s, "device": "cpu", "procs": 1}) == 1
+    for other in ({"device": "cuda"}, {"bench": True}, {"eval_only": True}, {"quick": True, "procs": 1}):
+        assert train_toy.cpu_processes({**s, "device": "cpu", **other}) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_toy.cpu_processes({**s, "device": "cpu"}) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert train_toy.cpu_processes({**s, "device": "cpu"}) == 1
+    monkeypatch.undo()
+    m = train_toy.main(TINY_RUN + ["--procs=2", "--eval_episodes=3", f"--out_dir={tmp_path}"])
+    out = capfd.readouterr().out
+    assert out.count("DDP: parameters identical on all 2 ranks") == 2 and out.count("ki    seed 0 | success") == 1
+    for k in ("success", "heldout_success", "unseen_color_success", "unseen_wording_success"):  # 3 episodes, 2 + 1
+        assert m[k] * 3 == pytest.approx(round(m[k] * 3))
+    assert m == json.loads((tmp_path / "metrics.json").read_text()) and (tmp_path / "rollouts.gif").stat().st_size > 0
+    with pytest.raises(SystemExit, match="multiple of the 3 processes"):
+        train_toy.main(TINY_RUN + ["--procs=3", f"--out_dir={tmp_path / 'x'}"])

@@ -8,7 +8,8 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   5. closed-loop evaluation: in-distribution, held-out combinations, unseen colour, unseen wording; VQA retention
   6. outputs in --out_dir: ckpt.pt, pretrained.pt, metrics.json, curves.png, rollouts.gif
 
-  python train_toy.py                                  # default run (see README for time and numbers)
+  python train_toy.py                                  # default run (see README for time and numbers); on a CPU
+                                                       # it trains in 2 processes of half the threads (DDP, gloo)
   python train_toy.py --seeds=3                        # 3 robot-training seeds from one pretraining: mean ± std
   python train_toy.py --quick                          # the whole pipeline in about a minute
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
@@ -26,6 +27,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, fields
@@ -43,6 +45,7 @@ SETTINGS = dict(
     out_dir="out",          # where checkpoints, metrics and pictures go
     seed=0,
     device="auto",          # auto | cpu | cuda | mps
+    procs=0,                # CPU: data-parallel training processes (0 = 2 where PyTorch uses >= 2 cores; 1 = one process)
     amp=True,               # bf16 autocast on cuda (ignored elsewhere); --amp=false trains in fp32
     quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
     compare=False,          # every variant + ki/joint without VQA from one pretraining: compare.md, compare.png
@@ -81,7 +84,8 @@ SETTINGS = dict(
     gif_episodes=4,
 )
 QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
-             eval_episodes=16, gif_episodes=2, warmup_steps=10, pretrain_min_vqa=0.0)  # one pretraining block
+             eval_episodes=16, gif_episodes=2, warmup_steps=10, pretrain_min_vqa=0.0,  # one pretraining block
+             procs=1)  # one process: starting more costs more than it saves on a one-minute run
 # --scale=gpu: one GPU's worth: 64 image tokens instead of 16, a 4x wider backbone, 4x the batch. --quick still
 # shrinks the schedule. Not torch.compile: on an H200 (torch 2.11) its compiled backward crashed (README).
 SCALE_GPU = dict(batch_size=256, patch_size=8, vit_width=128, vit_layers=4, d_model=256, n_layer=6,
@@ -117,6 +121,10 @@ def parse_args(argv):
     # defaults < --quick < --scale=gpu < what was given
     given = {**(QUICK if given.get("quick") else {}), **(SCALE_GPU if given.get("scale") == "gpu" else {}), **given}
     s = {**SETTINGS, **{k: v for k, v in given.items() if k in SETTINGS}}
+    if s["init_from"] and not os.path.isfile(s["init_from"]):
+        raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
+    if s["procs"] < 0:
+        raise SystemExit(f"error: --procs must be >= 0, got {s['procs']}")
     for k in ("seeds", "pretrain_blocks"):
         if s[k] < 1:
             raise SystemExit(f"error: --{k} must be >= 1, got {s[k]}")
@@ -240,6 +248,19 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
     for i in range(record):
         frames[i] = (frames[i], envs[i].instruction if not instruction else instruction[i], success[i])
     return np.array(success), chunk_time / max(chunks, 1), frames[:record]
+
+
+def shared_rollouts(s, model, tasks, seeds, *args, record=0, **kw):
+    """rollouts() with the episodes shared out over the data-parallel ranks (every rank gets every result; the
+    frames, of the first episodes, only on rank 0). One process: rollouts() itself."""
+    if s["world"] == 1:
+        return rollouts(model, tasks, seeds, *args, record=record, **kw)
+    seeds, n = list(seeds), -(-len(seeds) // s["world"])
+    ok, chunk_s, frames = rollouts(model, tasks, seeds[s["rank"] * n:(s["rank"] + 1) * n], *args,
+                                   record=record if s["rank"] == 0 else 0, **kw)
+    parts = [None] * s["world"]
+    torch.distributed.all_gather_object(parts, (ok, chunk_s))
+    return np.concatenate([p[0] for p in parts]), float(np.mean([p[1] for p in parts])), frames
 
 
 @torch.no_grad()
@@ -595,10 +616,11 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
             if history is not None:
                 history["train"].append({"step": step, **m})
-        if curve is not None and s["rank"] == 0 and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
-            e = curve(ema, step + 1)
-            tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {e['success']:.2f} "
-                       f"| FAST acc {e['fast_token_acc']:.2f} | 1st-action err {e['first_action_mse']:.3f}")
+        if curve is not None and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
+            e = curve(ema, step + 1)  # on every rank: they share the episodes
+            if s["rank"] == 0:
+                tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {e['success']:.2f} "
+                           f"| FAST acc {e['fast_token_acc']:.2f} | 1st-action err {e['first_action_mse']:.3f}")
     if s["world"] > 1:
         check_ranks_in_sync(model, s)
     return ema
@@ -672,22 +694,26 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
 
     def curve(ema, step):
         torch.manual_seed(seed)
-        ok, _, _ = rollouts(ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
-        history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
-        return history["eval"][-1]
+        ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
+        if s["rank"] == 0:
+            history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
+        return history["eval"][-1] if s["rank"] == 0 else None
 
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
                 f"train {cfg.variant} seed {seed}", curve, history)
     train_time = time.time() - t_start
-    if s["rank"] > 0:  # evaluation and outputs: rank 0 only
-        return None
     torch.manual_seed(seed)
-    seeds, n_gif, go = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["gif_episodes"], (s["replan"], s["num_steps"])
-    ok_in, chunk_s, episodes = rollouts(ema, splits["train"], seeds, *go, record=n_gif)  # the same seeds on every split
-    ok_out, _, more = rollouts(ema, splits["heldout"], seeds, *go, record=n_gif)
-    ok_color, _, colored = rollouts(ema, splits["unseen_color"], seeds, *go, record=n_gif // 2) if splits["unseen_color"] \
-        else (np.array([np.nan]), 0, [])
-    ok_words, _, worded = rollouts(ema, splits["train"], seeds, *go, record=n_gif // 2, reword=True)
+    seeds, n_gif, go = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["gif_episodes"], (s, ema)
+    rl = (s["replan"], s["num_steps"])  # the same seeds on every split, shared out over the ranks
+    ok_in, chunk_s, episodes = shared_rollouts(*go, splits["train"], seeds, *rl, record=n_gif)
+    ok_out, _, more = shared_rollouts(*go, splits["heldout"], seeds, *rl, record=n_gif)
+    ok_color, _, colored = shared_rollouts(*go, splits["unseen_color"], seeds, *rl, record=n_gif // 2) \
+        if splits["unseen_color"] else (np.array([np.nan]), 0, [])
+    ok_words, _, worded = shared_rollouts(*go, splits["train"], seeds, *rl, record=n_gif // 2, reword=True)
+    if s["rank"] > 0:  # the rest of the evaluation and the outputs: rank 0 only
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads * s["world"] if s["device"] == "cpu" else threads)  # the other ranks wait
     metrics = {
         "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
         "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
@@ -707,6 +733,7 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     with open(os.path.join(out, f"history{tag}.json"), "w") as f:
         json.dump(history, f)
     write_gif(episodes + more + colored + worded, os.path.join(out, f"rollouts{tag}.gif"))
+    torch.set_num_threads(threads)
     return metrics
 
 
@@ -764,8 +791,13 @@ def eval_only(s):
     return {"success": float(ok.mean())}
 
 
-def train_speed(s, cfg, tok, obs, chunks, steps=40):
-    """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA)."""
+def train_speed(s, cfg, tok, obs, chunks, n_procs=1, steps=40):
+    """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA), in n_procs
+    data-parallel CPU processes as the default run trains (start_cpu_processes)."""
+    if n_procs > 1:
+        speed = torch.multiprocessing.get_context("spawn").SimpleQueue()
+        start_cpu_processes(_speed_process, (s, cfg, tok, obs, chunks, steps, speed), n_procs)
+        return speed.get()
     torch.manual_seed(s["seed"])
     model = build_model(s, cfg, tok).to(s["device"])
     robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
@@ -773,6 +805,17 @@ def train_speed(s, cfg, tok, obs, chunks, steps=40):
     t0 = time.perf_counter()
     train(model, s, robot, vqa, steps, s["vqa_frac"], "bench train")
     return steps / (time.perf_counter() - t0)
+
+
+def _speed_process(rank, threads, s, cfg, tok, obs, chunks, steps, speed):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    s = {**s}
+    s["rank"], s["world"] = setup_distributed(s)
+    sps = train_speed(s, cfg, tok, obs, chunks, 1, steps)
+    if rank == 0:
+        speed.put(sps)
+    torch.distributed.destroy_process_group()
 
 
 def matmul_gflops(device, n=1024):
@@ -794,10 +837,12 @@ def bench(s, cfg):
         return {}
     # training speed in the default job's conditions, next to a plain matmul on the same machine: the
     # steps/s vary 2-4x between machines of one kind; steps/s per matmul GFLOP/s should vary far less
-    sps, gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
-    print(f"train: {sps:.2f} steps/s ({cfg.variant}, batch {s['batch_size']}, {s['device']}, "
-          f"{torch.get_num_threads()} threads) | matmul 1024^3 fp32 {gflops:.0f} GFLOP/s | "
-          f"{1000 * sps / gflops:.1f} steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
+    n_procs = cpu_processes({**s, "bench": False})  # as the default run trains: in this many processes
+    sps, gflops = train_speed(s, cfg, tok, obs, chunks, n_procs), matmul_gflops(s["device"])
+    layout = f"{n_procs} processes x 1 thread" if n_procs > 1 else f"{torch.get_num_threads()} threads"
+    print(f"train: {sps:.2f} steps/s ({cfg.variant}, batch {s['batch_size']}, {s['device']}, {layout}) | "
+          f"matmul 1024^3 fp32 {gflops:.0f} GFLOP/s ({torch.get_num_threads()} threads) | {1000 * sps / gflops:.1f} "
+          f"steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
     n_fast = np.mean([len(tok.encode(c)) for c in chunks])
     print(f"FAST: {n_fast:.2f} tokens/chunk vs {cfg.action_horizon * cfg.action_dim} with per-dimension 256-bin "
           f"tokens ({len(chunks)} expert chunks, H={cfg.action_horizon}); fit on 10k chunks {fit_s:.2f} s")
@@ -964,9 +1009,55 @@ def summarize(runs):
     return out
 
 
+def cpu_processes(s):
+    """How many data-parallel processes `python train_toy.py` starts by itself on CPU: 2 where PyTorch uses two
+    or more cores (each gets half the threads and half the batch), else 1. The toy's ops are small, and two
+    threads share one small op badly: two 1-thread processes at batch 32 train about 1.15x the steps/s of one
+    2-thread process at batch 64 (README "Speed"). Not more than 2 by default: each process holds the whole
+    dataset (about 1.2 GB), and only 2 cores were measured. 1 under torchrun (it started them), on a GPU, and
+    in the modes that do not train."""
+    if s["device"] != "cpu" or "WORLD_SIZE" in os.environ or s["eval_only"] or s["bench"] or s["figures"]:
+        return 1
+    if s["procs"] and s["batch_size"] % s["procs"]:
+        raise SystemExit(f"error: --batch_size={s['batch_size']} must be a multiple of the {s['procs']} processes (--procs)")
+    n = s["procs"] or min(2, torch.get_num_threads())
+    while s["batch_size"] % n:
+        n -= 1
+    return n
+
+
+def start_cpu_processes(fn, args, n):
+    """fn(rank, threads, *args) in n processes that meet as a DDP group over gloo (as under torchrun
+    --nproc_per_node=n), 1/n of this process's threads each."""
+    with socket.socket() as sock:  # a free port for the ranks to meet on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
+    try:
+        torch.multiprocessing.spawn(fn, (max(1, torch.get_num_threads() // n), *args), nprocs=n)
+    except torch.multiprocessing.ProcessRaisedException as e:
+        raise SystemExit(f"error: a training process failed:\n{e}") from None
+    except torch.multiprocessing.ProcessExitedException:  # it has printed its "error: ..." already
+        raise SystemExit(1) from None
+    finally:
+        for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
+            del os.environ[k]
+
+
+def _process(rank, threads, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    main(argv)
+
+
 def main(argv):
     s, cfg = parse_args(argv)
     s["device"] = pick_device(s["device"])
+    n = cpu_processes(s)
+    if n > 1:  # the default on CPU: data parallel over the cores; rank 0 writes metrics.json
+        start_cpu_processes(_process, (argv,), n)
+        with open(os.path.join(s["out_dir"], "metrics.json")) as f:
+            return json.load(f)
     s["rank"], s["world"] = setup_distributed(s)
     if s["rank"] > 0:  # under torchrun only rank 0 prints (and writes outputs; see run_variant)
         with contextlib.redirect_stdout(io.StringIO()):
