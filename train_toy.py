@@ -807,13 +807,11 @@ def train_speed(s, cfg, tok, obs, chunks, n_procs=1, steps=40):
     return steps / (time.perf_counter() - t0)
 
 
-def _speed_process(rank, threads, s, cfg, tok, obs, chunks, steps, speed):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(threads)
+def _speed_process(s, cfg, tok, obs, chunks, steps, speed):
     s = {**s}
     s["rank"], s["world"] = setup_distributed(s)
     sps = train_speed(s, cfg, tok, obs, chunks, 1, steps)
-    if rank == 0:
+    if s["rank"] == 0:
         speed.put(sps)
     torch.distributed.destroy_process_group()
 
@@ -1027,14 +1025,14 @@ def cpu_processes(s):
 
 
 def start_cpu_processes(fn, args, n):
-    """fn(rank, threads, *args) in n processes that meet as a DDP group over gloo (as under torchrun
-    --nproc_per_node=n), 1/n of this process's threads each."""
+    """fn(*args) in n processes that meet as a DDP group over gloo (as under torchrun --nproc_per_node=n; fn
+    calls setup_distributed), 1/n of this process's threads each."""
     with socket.socket() as sock:  # a free port for the ranks to meet on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
     try:
-        torch.multiprocessing.spawn(fn, (max(1, torch.get_num_threads() // n), *args), nprocs=n)
+        torch.multiprocessing.spawn(_rank_process, (max(1, torch.get_num_threads() // n), fn, args), nprocs=n)
     except torch.multiprocessing.ProcessRaisedException as e:
         raise SystemExit(f"error: a training process failed:\n{e}") from None
     except torch.multiprocessing.ProcessExitedException:  # it has printed its "error: ..." already
@@ -1044,10 +1042,10 @@ def start_cpu_processes(fn, args, n):
             del os.environ[k]
 
 
-def _process(rank, threads, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+def _rank_process(rank, threads, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))  # what torchrun would set for this rank
     torch.set_num_threads(threads)
-    main(argv)
+    fn(*args)
 
 
 def main(argv):
@@ -1055,7 +1053,7 @@ def main(argv):
     s["device"] = pick_device(s["device"])
     n = cpu_processes(s)
     if n > 1:  # the default on CPU: data parallel over the cores; rank 0 writes metrics.json
-        start_cpu_processes(_process, (argv,), n)
+        start_cpu_processes(main, (argv,), n)
         with open(os.path.join(s["out_dir"], "metrics.json")) as f:
             return json.load(f)
     s["rank"], s["world"] = setup_distributed(s)
