@@ -677,6 +677,19 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     assert (tmp_path / "try" / "try.gif").stat().st_size > 0
 
 
+def test_the_curve_never_changes_the_training_and_ends_with_the_final_evaluation(tmp_path):
+    """The curve's rollouts draw from their own RNG stream: measuring it every 2 steps or not at all trains the
+    same weights. Its last point is the final evaluation's (no second evaluation of the same model)."""
+    rare = train_toy.main(TINY_RUN + ["--pretrain_steps=1", f"--out_dir={tmp_path / 'rare'}"])["runs"][0]
+    often = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=2", f"--out_dir={tmp_path / 'often'}"])["runs"][0]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("rare", "often"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [st for st, _ in rare["curve"]] == [6] and [st for st, _ in often["curve"]] == [2, 4, 6]
+    assert rare["curve"][-1][1] == rare["success"] and often["curve"][-1][1] == often["success"] == rare["success"]
+    last = json.loads((tmp_path / "often" / "history.json").read_text())["eval"][-1]
+    assert last["first_action_mse"] == often["first_action_mse"] and last["fast_token_acc"] == often["fast_token_acc"]
+
+
 def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
     """torchrun + DistributedDataParallel (gloo, 2 CPU processes) on the whole --backbone=hf-tiny pipeline (VQA
     pretraining, KI training, evaluation with a tiny random PaliGemma). Each rank draws half the batch; train()

@@ -77,7 +77,7 @@ SETTINGS = dict(
     weight_decay=0.01,
     grad_clip=1.0,
     ema=0.998,              # EMA of the weights, used for evaluation
-    eval_interval=500,      # steps between quick evaluations (for the curve)
+    eval_interval=1000,     # steps between the curve's quick evaluations (50 episodes; the last point is the final one)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
     replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
@@ -189,6 +189,24 @@ def make_vqa_set(n, seed):
     return out[:n]
 
 
+def held_out_sets(quick, H, tasks):
+    """Data no training step sees: clean expert episodes (the diagnostics' states), VQA for the probe and for
+    the VQA accuracy."""
+    d_obs, d_chunks, _, _ = collect_demos(4 if quick else 40, H, 0.0, DIAG_SEED, tasks)
+    return d_obs, d_chunks, make_vqa_set(200 if quick else 2000, PROBE_SEED), make_vqa_set(200 if quick else 1000, VQA_EVAL_SEED)
+
+
+def on_ranks(s, *makers):
+    """[maker() for maker in makers], with maker i run on rank i % world only and its result sent to every rank:
+    the data-parallel ranks need the same data, so each makes a share of it instead of all of it."""
+    out = [make() if i % s["world"] == s["rank"] else None for i, make in enumerate(makers)]
+    for i in range(len(makers) if s["world"] > 1 else 0):
+        box = out[i:i + 1]
+        torch.distributed.broadcast_object_list(box, src=i % s["world"])
+        out[i] = box[0]
+    return out
+
+
 def index(batch, idx):
     return {k: v[idx] for k, v in batch.items()}
 
@@ -214,7 +232,7 @@ def vqa_accuracy(model, vqa_batch, bs=500):
     return torch.cat(right).float().mean().item()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # a little less bookkeeping per op than no_grad: rollouts are many small model calls
 def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0, reword=False):
     """Closed-loop episodes, all envs in lockstep so each model call is batched. reword: every episode's
     instruction said with SYNONYMS (the unseen-wording split), fixed per episode by its seed.
@@ -530,7 +548,7 @@ def write_gif(episodes, path):
             dr.text((3, 2), instruction, fill="black")
             if t == len(ep_frames) - 1:
                 dr.text((3, img.height - 14), "SUCCESS" if success else "failed", fill=(0, 140, 0) if success else (200, 0, 0))
-            frames.append(img)
+            frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # 4x faster than letting save() do it
         frames.extend([frames[-1]] * 5)  # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
 
@@ -616,7 +634,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
             if history is not None:
                 history["train"].append({"step": step, **m})
-        if curve is not None and ((step + 1) % s["eval_interval"] == 0 or step + 1 == steps):
+        if curve is not None and (step + 1) % s["eval_interval"] == 0 and step + 1 < steps:  # the last point: the final evaluation
             e = curve(ema, step + 1)  # on every rank: they share the episodes
             if s["rank"] == 0:
                 tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {e['success']:.2f} "
@@ -692,11 +710,12 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     history = {"train": [], "eval": []}
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
 
-    def curve(ema, step):
-        torch.manual_seed(seed)
-        ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
-        if s["rank"] == 0:
-            history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
+    def curve(ema, step):  # its own RNG stream: how often the curve is measured must not change the training
+        with torch.random.fork_rng(devices=[torch.device(s["device"]).index or 0] if s["device"].startswith("cuda") else []):
+            torch.manual_seed(seed)
+            ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
+            if s["rank"] == 0:
+                history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
         return history["eval"][-1] if s["rank"] == 0 else None
 
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
@@ -714,11 +733,14 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         return None
     threads = torch.get_num_threads()
     torch.set_num_threads(threads * s["world"] if s["device"] == "cpu" else threads)  # the other ranks wait
+    # the curve's last point is the final evaluation (its 200 episodes, not another 50 on the curve's seeds)
+    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()), **diagnostics(ema, diag, s["num_steps"])})
     metrics = {
         "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
         "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
         "unseen_color_success": float(ok_color.mean()), "unseen_wording_success": float(ok_words.mean()),
-        "unseen_color": s["unseen_color"], "eval_episodes": s["eval_episodes"], **diagnostics(ema, diag, s["num_steps"]),
+        "unseen_color": s["unseen_color"], "eval_episodes": s["eval_episodes"],
+        **{k: v for k, v in history["eval"][-1].items() if k not in ("step", "success")},
         "vqa_acc_before": vqa_before, "vqa_acc_after": vqa_accuracy(ema, data["vqa_eval"]),
         "probe_acc_before": data["probe_before"], "probe_acc_after": probe_accuracy(ema, data["probe"], data["probe_iters"]),
         "steps_to_50pct": steps_to(history, 0.5), "curve": [(r["step"], r["success"]) for r in history["eval"]],
@@ -930,7 +952,7 @@ def estimate_compare_time(s, cfg, tok, data, n_runs):
     t0 = time.perf_counter()
     rollouts(m, "train", range(2), s["replan"], s["num_steps"])
     per_episode = (time.perf_counter() - t0) / 2 / 4  # episodes run in lockstep batches: ~4x cheaper at 100+
-    n_eval = 4 * s["eval_episodes"] + min(50, s["eval_episodes"]) * (s["train_steps"] // s["eval_interval"])
+    n_eval = 4 * s["eval_episodes"] + min(50, s["eval_episodes"]) * ((s["train_steps"] - 1) // s["eval_interval"])
     minutes = n_runs * (s["train_steps"] / sps + n_eval * per_episode) / 60
     print(f"compare: {n_runs} runs of {s['train_steps']} steps at {sps:.1f} steps/s + {n_eval} evaluation episodes each "
           f"-> about {minutes:.0f} min on this machine")
@@ -1075,9 +1097,11 @@ def run(s, cfg):
     os.makedirs(s["out_dir"], exist_ok=True)
     # 1) demonstrations (+ a few held-out expert episodes for the diagnostics)
     train_tasks = kivla.task_splits(s["unseen_color"])["train"]
-    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks)
+    (obs, chunks, tasks, expert_rate), vqa_pool, (d_obs, d_chunks, vqa_probe, vqa_eval) = on_ranks(
+        s, lambda: collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks),
+        lambda: make_vqa_set(s["n_vqa"], s["seed"]),  # two processes: 10 s on each, instead of 20 s on both
+        lambda: held_out_sets(s["quick"], cfg.action_horizon, train_tasks))
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
-    d_obs, d_chunks, _, _ = collect_demos(40 if not s["quick"] else 4, cfg.action_horizon, 0.0, DIAG_SEED, train_tasks)
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
     # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
     init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
@@ -1090,11 +1114,9 @@ def run(s, cfg):
     model = build_model(s, cfg, tok)
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
     if init:
-        load_vlm_weights(model, init["model"])  # fail now, not after the data is made
-    vqa_probe = make_vqa_set(2000 if not s["quick"] else 200, PROBE_SEED)
-    vqa_eval = make_vqa_set(1000 if not s["quick"] else 200, VQA_EVAL_SEED)
+        load_vlm_weights(model, init["model"])  # fail now, not after pretraining
     data = {"demos": (obs, chunks), "diag": ([d_obs[i] for i in pick], d_chunks[pick]),
-            "vqa": model.make_batch(make_vqa_set(s["n_vqa"], s["seed"])), "vqa_eval": model.make_batch(vqa_eval),
+            "vqa": model.make_batch(vqa_pool), "vqa_eval": model.make_batch(vqa_eval),
             "probe": ((model.make_batch(vqa_probe), *probe_labels(vqa_probe)), (model.make_batch(vqa_eval), *probe_labels(vqa_eval)))}
     if init:
         weights, vqa_before = init["model"], init.get("vqa_acc", float("nan"))
