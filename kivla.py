@@ -146,6 +146,8 @@ class FASTTokenizer:
     @staticmethod
     def _merge_array(arr, pa, pb, new_id):
         hit = np.flatnonzero((arr[:-1] == pa) & (arr[1:] == pb))
+        if len(hit) == 0:
+            return arr
         if pa == pb and len(hit) > 1:  # subtle: in a run "aaa" only the first pair merges
             keep, last = [], -2
             for i in hit.tolist():
@@ -175,6 +177,16 @@ class FASTTokenizer:
                 break
             seq = _merge_pair(seq, pair, self.ranks[pair])
         return seq
+
+    def encode_batch(self, chunks):
+        """[encode(c) for c in chunks], 2x faster on a training set: each merge is applied to all chunks at once
+        (numpy, as in fit). Merge after merge in rank order is what encode's lowest-rank-first loop does too:
+        a merge only ever creates pairs of higher rank."""
+        seqs = [self._symbols(self._check_chunk(c)) + [-1] for c in chunks]
+        arr = np.array([s for q in seqs for s in q], np.int64)  # one long int array, -1 separates chunks
+        for i, (pa, pb) in enumerate(self.merges):
+            arr = self._merge_array(arr, pa, pb, self.n_base + i)
+        return [x[:-1].tolist() for x in np.split(arr, np.flatnonzero(arr < 0) + 1)[:-1]]  # each without its -1
 
     def decode(self, ids, return_valid=False):
         """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything. Unknown ids
@@ -347,28 +359,32 @@ class PushEnv(gymnasium.Env):
         return self._obs(), -dist, success, truncated, {"success": success}
 
     def _physics(self, dp):
-        rp, rb = self.pusher_radius, self.block_radius
-        self.pusher = np.clip(self.pusher + dp, rp, 1 - rp)
+        # plain Python floats, not numpy: on 2-vectors numpy's per-call overhead is most of the time, and this is
+        # most of the data generation's time. The arithmetic is the same float64 (same numbers as numpy's).
+        rp, rb, clip = self.pusher_radius, self.block_radius, lambda v, r: min(max(v, r), 1 - r)
+        p = [clip(v + d, rp) for v, d in zip(self.pusher.tolist(), dp.tolist())]
+        bs = self.blocks.tolist()  # 3 x [x, y]
         for _ in range(4):  # a few relaxation sweeps resolve chains (pusher -> block -> block)
-            for i in range(3):
-                d = self.blocks[i] - self.pusher
-                n = math.hypot(d[0], d[1])
+            for b in bs:
+                dx, dy = b[0] - p[0], b[1] - p[1]
+                n = math.hypot(dx, dy)
                 if n < rp + rb:
-                    self.blocks[i] = self.pusher + d / max(n, 1e-9) * (rp + rb)
+                    b[0], b[1] = p[0] + dx / max(n, 1e-9) * (rp + rb), p[1] + dy / max(n, 1e-9) * (rp + rb)
             for i in range(3):
                 for j in range(i + 1, 3):
-                    d = self.blocks[j] - self.blocks[i]
-                    n = math.hypot(d[0], d[1])
+                    dx, dy = bs[j][0] - bs[i][0], bs[j][1] - bs[i][1]
+                    n = math.hypot(dx, dy)
                     if n < 2 * rb:
-                        shift = d / max(n, 1e-9) * (2 * rb - n) / 2
-                        self.blocks[i] -= shift
-                        self.blocks[j] += shift
-            self.blocks = np.clip(self.blocks, rb, 1 - rb)
-        for i in range(3):  # a block stuck at a wall pushes the pusher back instead
-            d = self.pusher - self.blocks[i]
-            n = math.hypot(d[0], d[1])
+                        sx, sy = dx / max(n, 1e-9) * (2 * rb - n) / 2, dy / max(n, 1e-9) * (2 * rb - n) / 2
+                        bs[i] = [bs[i][0] - sx, bs[i][1] - sy]
+                        bs[j] = [bs[j][0] + sx, bs[j][1] + sy]
+            bs = [[clip(x, rb), clip(y, rb)] for x, y in bs]
+        for b in bs:  # a block stuck at a wall pushes the pusher back instead
+            dx, dy = p[0] - b[0], p[1] - b[1]
+            n = math.hypot(dx, dy)
             if n < rp + rb:
-                self.pusher = np.clip(self.blocks[i] + d / max(n, 1e-9) * (rp + rb), rp, 1 - rp)
+                p = [clip(b[0] + dx / max(n, 1e-9) * (rp + rb), rp), clip(b[1] + dy / max(n, 1e-9) * (rp + rb), rp)]
+        self.pusher, self.blocks = np.array(p), np.array(bs)
 
     # -- observation and rendering ---------------------------------------------------------------
     def _obs(self):
@@ -948,6 +964,7 @@ class KIVLA(nn.Module):
                "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
                "actions": np.zeros((B, cfg.action_horizon, cfg.action_dim), np.float32),
                "has_actions": np.zeros(B, bool)}
+        fast = self.fast_tokenizer.encode_batch(actions) if actions is not None and cfg.use_fast else None
         if out["image"].shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(f"images must be ({cfg.image_size}, {cfg.image_size}, 3), got {out['image'].shape[1:]}")
         for i, o in enumerate(observations):
@@ -967,7 +984,7 @@ class KIVLA(nn.Module):
             elif actions is not None:
                 out["actions"][i], out["has_actions"][i] = actions[i], True
                 if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
-                    seq = [vocab.action] + [vocab.fast_offset + t for t in self.fast_tokenizer.encode(actions[i])] + [vocab.eos]
+                    seq = [vocab.action] + [vocab.fast_offset + t for t in fast[i]] + [vocab.eos]
             if seq:
                 out["suffix"][i, :len(seq) - 1] = seq[:-1]
                 out["suffix_target"][i, :len(seq) - 1] = seq[1:]

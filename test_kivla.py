@@ -116,6 +116,9 @@ def test_bpe_compresses_and_merges_runs_correctly():
     assert kivla._merge_pair([5, 5, 5], (5, 5), 99) == [99, 5]
     t = kivla.FASTTokenizer(vocab_size=512).fit(smooth_chunks(600))
     assert np.mean([len(t.encode(x)) for x in smooth_chunks(100, seed=9)]) < 20
+    # the batched encoder (merge by merge over all chunks at once) gives encode's ids, chunk for chunk
+    test = np.concatenate([smooth_chunks(300, seed=9), np.random.default_rng(0).uniform(-1.5, 1.5, (100, 10, 2))])
+    assert t.encode_batch(test) == [t.encode(x) for x in test] and t.encode_batch([]) == []
 
 
 # ------------------------------------------------------------------------------------------------
