@@ -693,6 +693,19 @@ def test_the_curve_never_changes_the_training_and_ends_with_the_final_evaluation
     assert last["first_action_mse"] == often["first_action_mse"] and last["fast_token_acc"] == often["fast_token_acc"]
 
 
+def test_every_ddp_rank_draws_its_own_batch_rows_and_flow_noise():
+    """Both ranks run torch.manual_seed(seed); the flow noise and times come from that global RNG. Without a
+    per-rank stream the two halves of every global batch would share their noise."""
+    draws = {}
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        g = train_toy.rank_streams({"seed": 0, "rank": rank})
+        draws[rank] = torch.randint(10**6, (8,), generator=g), torch.randn(8)
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
+    torch.manual_seed(0)
+    assert torch.equal(draws[0][1], torch.randn(8))  # rank 0 (and one process) keep the seed's own stream
+
+
 def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
     """torchrun + DistributedDataParallel (gloo, 2 CPU processes) on the whole --backbone=hf-tiny pipeline (VQA
     pretraining, KI training, evaluation with a tiny random PaliGemma). Each rank draws half the batch; train()

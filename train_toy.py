@@ -598,12 +598,19 @@ def check_ranks_in_sync(model, s):
         print(f"DDP: parameters identical on all {s['world']} ranks")
 
 
+def rank_streams(s):
+    """-> the generator of this rank's batch rows. Each data-parallel rank also needs its own flow noise and
+    times: compute_loss draws them from the global RNG, which every rank seeded alike (torch.manual_seed(seed)),
+    so the ranks would give the same noise to their different rows. Rank 0 keeps its stream (one process's)."""
+    if s["rank"] > 0:
+        torch.manual_seed(s["seed"] + 2_000_003 * s["rank"])
+    return torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
+
+
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
     """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: batches (dicts of tensors) to sample from.
     Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (used for evaluation)."""
-    dev, g = model.device, torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
-    if s["rank"] > 0:  # and its own flow noise and times (compute_loss draws them from the global RNG, which every
-        torch.manual_seed(s["seed"] + 2_000_003 * s["rank"])  # rank seeded alike); rank 0 keeps one process's stream
+    dev, g = model.device, rank_streams(s)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
