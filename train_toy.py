@@ -77,7 +77,7 @@ SETTINGS = dict(
     weight_decay=0.01,
     grad_clip=1.0,
     ema=0.998,              # EMA of the weights, used for evaluation
-    eval_interval=1000,     # steps between the curve's quick evaluations (50 episodes; the last point is the final one)
+    eval_interval=500,      # steps between the curve's quick evaluations (50 episodes; the last point is the final one)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
     replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
@@ -598,19 +598,10 @@ def check_ranks_in_sync(model, s):
         print(f"DDP: parameters identical on all {s['world']} ranks")
 
 
-def rank_streams(s):
-    """-> the generator of this rank's batch rows. Each data-parallel rank also needs its own flow noise and
-    times: compute_loss draws them from the global RNG, which every rank seeded alike (torch.manual_seed(seed)),
-    so the ranks would give the same noise to their different rows. Rank 0 keeps its stream (one process's)."""
-    if s["rank"] > 0:
-        torch.manual_seed(s["seed"] + 2_000_003 * s["rank"])
-    return torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
-
-
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
     """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: batches (dicts of tensors) to sample from.
     Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (used for evaluation)."""
-    dev, g = model.device, rank_streams(s)
+    dev, g = model.device, torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
@@ -719,12 +710,11 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     history = {"train": [], "eval": []}
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
 
-    def curve(ema, step):  # its own RNG stream: how often the curve is measured must not change the training
-        with torch.random.fork_rng(devices=[torch.device(s["device"]).index or 0] if s["device"].startswith("cuda") else []):
-            torch.manual_seed(seed)
-            ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
-            if s["rank"] == 0:
-                history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
+    def curve(ema, step):
+        torch.manual_seed(seed)
+        ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
+        if s["rank"] == 0:
+            history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
         return history["eval"][-1] if s["rank"] == 0 else None
 
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
