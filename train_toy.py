@@ -601,6 +601,8 @@ def check_ranks_in_sync(model, s):
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
     """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: batches (dicts of tensors) to sample from.
     Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (used for evaluation)."""
+    # each rank its own batch rows; the flow noise comes from the global RNG, seeded alike on every rank (a known
+    # quirk: the ranks share it until the first curve evaluation; README "This session's candidates")
     dev, g = model.device, torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -711,6 +713,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
 
     def curve(ema, step):
+        # Known quirk (README "This session's candidates"): this reseeds the global RNG that training's flow noise
+        # and times also draw from, so --eval_interval changes the trained weights. Kept: the fix missed the bar.
         torch.manual_seed(seed)
         ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
         if s["rank"] == 0:
@@ -1094,7 +1098,7 @@ def run(s, cfg):
         return bench(s, cfg)
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
-    # 1) demonstrations (+ a few held-out expert episodes for the diagnostics)
+    # 1) demonstrations, the VQA pool and the held-out sets (under DDP: made on different ranks, then shared)
     train_tasks = kivla.task_splits(s["unseen_color"])["train"]
     (obs, chunks, tasks, expert_rate), vqa_pool, (d_obs, d_chunks, vqa_probe, vqa_eval) = on_ranks(
         s, lambda: collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks),
