@@ -1118,9 +1118,10 @@ def run(s, cfg):
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in model.num_params().items()))
     if init:
         load_vlm_weights(model, init["model"])  # fail now, not after pretraining
+    eval_batch = model.make_batch(vqa_eval)  # VQA accuracy and the probe's test rows
     data = {"demos": (obs, chunks), "diag": ([d_obs[i] for i in pick], d_chunks[pick]),
-            "vqa": model.make_batch(vqa_pool), "vqa_eval": model.make_batch(vqa_eval),
-            "probe": ((model.make_batch(vqa_probe), *probe_labels(vqa_probe)), (model.make_batch(vqa_eval), *probe_labels(vqa_eval)))}
+            "vqa": model.make_batch(vqa_pool), "vqa_eval": eval_batch,
+            "probe": ((model.make_batch(vqa_probe), *probe_labels(vqa_probe)), (eval_batch, *probe_labels(vqa_eval)))}
     if init:
         weights, vqa_before = init["model"], init.get("vqa_acc", float("nan"))
         print(f"VLM weights from {s['init_from']} (VQA accuracy {vqa_before:.3f})")
