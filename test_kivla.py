@@ -700,7 +700,7 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
                         *TINY_RUN, "--backbone=hf-tiny", "--device=cpu", f"--out_dir={out}"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("DDP: parameters identical on all 2 ranks") == 2  # after pretraining and robot training
+    assert r.stdout.count("data parallel: parameters identical on all 2 ranks") == 2  # after pretraining and robot training
     assert r.stdout.count("ki    seed 0 | success") == 1 and r.stdout.count("parameters: backbone") == 1
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "history.json", "metrics.json",
                                                      "pretrained.pt", "rollouts.gif"]
@@ -878,8 +878,9 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
 
 
 def test_the_default_cpu_run_trains_in_one_process_per_core(tmp_path, capfd, monkeypatch):
-    """On CPU `python train_toy.py` trains in 2 processes with half the threads each (DDP over gloo, as torchrun
-    would) and shares the evaluation episodes out among them; the result is rank 0's metrics.json. One core,
+    """On CPU `python train_toy.py` trains in 2 processes with half the threads each (data parallel, as under
+    torchrun; gradients averaged through shared memory, bit for bit as DDP over gloo) and shares the evaluation
+    episodes out among them; the result is rank 0's metrics.json. One core,
     --quick, GPUs, torchrun and the non-training modes stay in one process."""
     s, _ = train_toy.parse_args([])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
@@ -897,7 +898,14 @@ def test_the_default_cpu_run_trains_in_one_process_per_core(tmp_path, capfd, mon
     monkeypatch.undo()
     m = train_toy.main(TINY_RUN + ["--procs=2", "--eval_episodes=3", f"--out_dir={tmp_path}"])
     out = capfd.readouterr().out
-    assert out.count("DDP: parameters identical on all 2 ranks") == 2 and out.count("ki    seed 0 | success") == 1
+    assert out.count("data parallel: parameters identical on all 2 ranks") == 2 and out.count("ki    seed 0 | success") == 1
+    # the ranks average their gradients through shared memory: the same numbers as DDP's all-reduce, bit for bit
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # as if each rank had a machine of its own: DDP over gloo
+    train_toy.main(TINY_RUN + ["--procs=2", "--eval_episodes=3", f"--out_dir={tmp_path / 'ddp'}"])
+    for name in ("pretrained.pt", "ckpt.pt"):
+        a, b = (torch.load(d / name, weights_only=True)["model"] for d in (tmp_path, tmp_path / "ddp"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.undo()
     for k in ("success", "heldout_success", "unseen_color_success", "unseen_wording_success"):  # 3 episodes, 2 + 1
         assert m[k] * 3 == pytest.approx(round(m[k] * 3))
     assert m == json.loads((tmp_path / "metrics.json").read_text()) and (tmp_path / "rollouts.gif").stat().st_size > 0

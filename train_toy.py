@@ -9,7 +9,7 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   6. outputs in --out_dir: ckpt.pt, pretrained.pt, metrics.json, curves.png, rollouts.gif
 
   python train_toy.py                                  # default run (see README for time and numbers); on a CPU
-                                                       # it trains in 2 processes of half the threads (DDP, gloo)
+                                                       # it trains in 2 processes of half the threads (data parallel)
   python train_toy.py --seeds=3                        # 3 robot-training seeds from one pretraining: mean ± std
   python train_toy.py --quick                          # the whole pipeline in about a minute
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
@@ -29,6 +29,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, fields
 
@@ -566,13 +567,17 @@ def lr_at(step, s):
 
 
 def loss_fn(model, s, all_used):
-    """The training loss to call: the model itself, wrapped in DistributedDataParallel under torchrun (gradients
-    are averaged over ranks inside backward) and in torch.compile with --compile (eager if that fails)."""
-    net = model
-    if s["world"] > 1:  # the expert gets no gradient in VLM pretraining (no robot rows) or in `fast`
+    """-> the training loss to call and the gradient averaging to run after backward. One process: the model itself.
+    Several: their gradients averaged, through shared memory where all ranks share one machine's CPU (the default
+    run; shared_memory_averager), else by DistributedDataParallel (GPUs, or torchrun over machines: the average
+    happens inside backward). And torch.compile around it with --compile (eager if that fails)."""
+    net, average = model, lambda: None
+    if s["world"] > 1 and s["device"] == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", s["world"])) == s["world"]:
+        average = shared_memory_averager(model, s)
+    elif s["world"] > 1:  # the expert gets no gradient in VLM pretraining (no robot rows) or in `fast`
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not all_used)
     if not s["compile"]:
-        return net
+        return net, average
     compiled = torch.compile(net)
 
     def call(batch):
@@ -584,18 +589,54 @@ def loss_fn(model, s, all_used):
                 print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
                 compiled = net
         return net(batch)
-    return call
+    return call, average
+
+
+def shared_memory_averager(model, s):
+    """Data parallel on one machine's CPU cores: after backward, every rank writes its gradients into its row of a
+    shared-memory buffer, waits for the others (one barrier), and averages the rows itself. What DDP computes
+    ((g0 + g1) / 2 for two ranks: the same numbers), without DDP's gloo all-reduce, which sends the 3 MB of
+    gradients through loopback TCP: ~7% of a step on 2 cores (README "Speed"). Two buffers, used in turn, so a
+    fast rank's next gradients never overwrite ones a slow rank is still reading. -> average(), to call after
+    backward."""
+    dist, rank, world = torch.distributed, s["rank"], s["world"]
+    for p in model.parameters():  # every rank starts from rank 0's weights (as DDP does)
+        dist.broadcast(p.data, 0)
+    n, path = sum(p.numel() for p in model.parameters()), [None]
+    if rank == 0:
+        fd, path[0] = tempfile.mkstemp(prefix="kivla_grads_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.close(fd)
+    dist.broadcast_object_list(path, src=0)
+    buffers = torch.from_file(path[0], shared=True, size=2 * world * n).view(2, world, n)  # (2, world, N)
+    dist.barrier()  # every rank has it mapped: the name can go (the memory stays until the last rank exits)
+    if rank == 0:
+        os.remove(path[0])
+    step = 0
+
+    def average():
+        nonlocal step
+        params = [p for p in model.parameters() if p.grad is not None]  # the same on every rank (same row mix)
+        rows, step = buffers[step % 2, :, :sum(p.numel() for p in params)], step + 1  # (world, n)
+        torch.cat([p.grad.flatten() for p in params], out=rows[rank])
+        dist.barrier()  # every rank's gradients are in
+        avg = rows[0].clone()  # (n,): summed in rank order, then divided, as the all-reduce does
+        for r in range(1, world):
+            avg += rows[r]
+        avg /= world
+        for p, g in zip(params, avg.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    return average
 
 
 def check_ranks_in_sync(model, s):
-    """DDP keeps every rank's parameters identical; check it bit for bit at the end of training."""
+    """Averaged gradients keep every rank's parameters identical; check it bit for bit at the end of training."""
     flat = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
     everyone = [torch.zeros_like(flat) for _ in range(s["world"])]
     torch.distributed.all_gather(everyone, flat)
     if not all(torch.equal(everyone[0], x) for x in everyone):
-        raise RuntimeError("DDP: ranks ended with different parameters")
+        raise RuntimeError("data parallel: ranks ended with different parameters")
     if s["rank"] == 0:
-        print(f"DDP: parameters identical on all {s['world']} ranks")
+        print(f"data parallel: parameters identical on all {s['world']} ranks")
 
 
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
@@ -612,8 +653,8 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
     bs = s["batch_size"] // s["world"]
     n_vqa = round(bs * vqa_frac) if robot is not None else bs
     n_rob = bs - n_vqa
-    net = loss_fn(model, s, n_rob > 0 and model.cfg.use_flow)  # DDP first copies rank 0's weights to every rank,
-    ema = copy.deepcopy(model).eval()  # so the EMA copy comes after it
+    net, average_grads = loss_fn(model, s, n_rob > 0 and model.cfg.use_flow)  # these first copy rank 0's weights
+    ema = copy.deepcopy(model).eval()  # to every rank, so the EMA copy comes after them
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"])
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=s["rank"] > 0)
     for step in bar:
@@ -627,6 +668,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             loss, m = net(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_grads()  # over the data-parallel ranks (a no-op in one process, and under DDP: done in backward)
         torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
         opt.step()
         with torch.no_grad():
@@ -1050,7 +1092,7 @@ def cpu_processes(s):
 
 
 def start_cpu_processes(fn, args, n):
-    """fn(*args) in n processes that meet as a DDP group over gloo (as under torchrun --nproc_per_node=n; fn
+    """fn(*args) in n processes that meet as a data-parallel group over gloo (as under torchrun --nproc_per_node=n; fn
     calls setup_distributed), 1/n of this process's threads each."""
     with socket.socket() as sock:  # a free port for the ranks to meet on
         sock.bind(("127.0.0.1", 0))
@@ -1098,7 +1140,7 @@ def run(s, cfg):
         return bench(s, cfg)
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
-    # 1) demonstrations, the VQA pool and the held-out sets (under DDP: made on different ranks, then shared)
+    # 1) demonstrations, the VQA pool and the held-out sets (data parallel: made on different ranks, then shared)
     train_tasks = kivla.task_splits(s["unseen_color"])["train"]
     (obs, chunks, tasks, expert_rate), vqa_pool, (d_obs, d_chunks, vqa_probe, vqa_eval) = on_ranks(
         s, lambda: collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks),
