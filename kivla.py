@@ -678,10 +678,11 @@ class Block(nn.Module):
         # VLMs' attention stays uniform for 1500 steps: the grounding plateau (README "QK-norm").
         self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm else (None, None)
 
-    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
+    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None, kv_slots=False):
         """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nkv, T, hs).
         rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
         past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
+        kv_slots: past_kv already ends in T free slots, which this block's own keys/values are written into.
         mask: bool (B, 1, T, Tpast + T), True = may attend."""
         B, T, _ = x.shape
         s1 = b1 = g1 = s2 = b2 = g2 = None  # ViT and backbone: plain pre-norm (no identity multiplies to pay for)
@@ -699,7 +700,13 @@ class Block(nn.Module):
         if rot is not None:
             qk = rope(qk, *rot)
         q, k = qk.split([nh, nkv], 1)  # (B, nh, T, hs), (B, nkv, T, hs)
-        kk, vv = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        if past_kv is None:
+            kk, vv = k, v
+        elif kv_slots:  # flow sampling: the prefix stays in place across Euler steps, only these T slots change
+            past_kv[0][:, :, -T:], past_kv[1][:, :, -T:] = k, v
+            kk, vv = past_kv
+        else:
+            kk, vv = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, nkv, Tpast + T, hs)
         if nkv < nh:  # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head)
             kk, vv = kk.repeat_interleave(nh // nkv, 1), vv.repeat_interleave(nh // nkv, 1)
         a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
@@ -871,16 +878,16 @@ class ActionExpert(nn.Module):
         ang = 2 * math.pi * tau[:, None].float() / period[None]
         return torch.cat([ang.sin(), ang.cos()], -1)
 
-    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
+    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos, kv_slots=False):
         """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs), prefix_valid (B, Tp),
-        pos (H,) -> predicted velocity (B, H, A)."""
+        pos (H,) -> predicted velocity (B, H, A). kv_slots: prefix_kv is (B, nkv, Tp + H, hs), H slots free."""
         B, H, _ = x_tau.shape
         x = self.in_proj(x_tau)  # (B, H, W)
         cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
         mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
         rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
         for blk, kv in zip(self.blocks, prefix_kv):
-            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)
+            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond, kv_slots=kv_slots)
         return self.out_proj(self.norm(x))  # (B, H, A)
 
 
@@ -1010,12 +1017,12 @@ class KIVLA(nn.Module):
         h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
         return h[:, Tp:], kv, prefix_valid
 
-    def _expert(self, x_tau, tau, kv, prefix_valid):
+    def _expert(self, x_tau, tau, kv, prefix_valid, kv_slots=False):
         Tp, H = prefix_valid.shape[1], x_tau.shape[1]
         # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
         # inference none do; numbering them after the FAST tokens would shift them between train and test
         pos = torch.arange(Tp, Tp + H, device=x_tau.device)
-        return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
+        return self.action_expert(x_tau, tau, kv, prefix_valid, pos, kv_slots)
 
     # -- training -------------------------------------------------------------------------------
     def compute_loss(self, batch, noise=None, time=None):
@@ -1076,10 +1083,13 @@ class KIVLA(nn.Module):
         kv, valid = self.backbone_prefix_kv(batch)
         B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
         x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
+        # every layer's prefix keys/values, copied once into a buffer with H free slots at its end: each Euler step
+        # writes the expert's own H there (a cat per layer and step would copy the whole prefix again, 10% of the time)
+        kv = [tuple(torch.cat([t, t.new_empty(*t.shape[:2], H, t.shape[3])], 2) for t in pair) for pair in kv]
         dt = -1.0 / num_steps
         for i in range(num_steps):
             tau = torch.full((B,), 1.0 + i * dt, device=self.device)
-            x = x + dt * self._expert(x, tau, kv, valid).float()
+            x = x + dt * self._expert(x, tau, kv, valid, kv_slots=True).float()
         return self._unnormalize(x)
 
     def _unnormalize(self, actions):
@@ -1131,11 +1141,11 @@ class KIVLA(nn.Module):
         return self._unnormalize(torch.from_numpy(np.stack(acts))), torch.tensor(oks)
 
     @torch.no_grad()
-    def predict_actions(self, batch, num_steps=10):
+    def predict_actions(self, batch, num_steps=10, noise=None):
         """The variant's own inference: AR FAST decoding for `fast`, flow sampling for the others."""
         if self.cfg.variant == "fast":
             return self.generate_fast_actions(batch)[0]
-        return self.sample_actions(batch, num_steps)
+        return self.sample_actions(batch, num_steps, noise)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path, **extra):

@@ -283,23 +283,40 @@ def shared_rollouts(s, model, tasks, seeds, *args, record=0, **kw):
 
 
 @torch.no_grad()
-def diagnostics(model, diag, num_steps):
+def diagnostics(model, diag, num_steps, s=None):
     """Two cheap measures on held-out demo states (clean expert labels), to steer training by:
     teacher-forced FAST token accuracy (what the backbone learned about actions; NaN for pi0) and the
-    policy's first-action mean squared error (what the robot will do next; 0.47 for always predicting 0)."""
+    policy's first-action mean squared error (what the robot will do next; 0.47 for always predicting 0).
+    Data parallel (s): every rank scores its share of the states, and rank 0 draws the flow noise for all of
+    them, as one process would: which random numbers training draws next does not depend on the ranks' share."""
+    rank, world = (s["rank"], s["world"]) if s else (0, 1)
     model.eval()
-    b = {k: v.to(model.device) for k, v in diag.items()}
-    acc = float("nan")
+    N, H, A = len(diag["text"]), model.cfg.action_horizon, model.cfg.action_dim
+    mine = slice(rank * -(-N // world), (rank + 1) * -(-N // world))
+    noise = None
+    if model.cfg.variant != "fast":  # flow sampling draws (N, H, A) noise
+        noise = torch.randn(N, H, A, device=model.device) if rank == 0 else torch.empty(N, H, A, device=model.device)
+        if world > 1:
+            torch.distributed.broadcast(noise, 0)
+        noise = noise[mine]
+    b = {k: v[mine].to(model.device) for k, v in diag.items()}
+    # sums over this rank's states: right FAST tokens, FAST tokens, squared first-action error, its numbers,
+    # malformed AR FAST decodes, states
+    sums = torch.zeros(6, dtype=torch.float64, device=model.device)
     if model.cfg.use_fast:
         h, _, _ = model.forward_vlm(b)
         m = b["suffix_loss"]
-        acc = (model.backbone.lm_head(h[m]).argmax(-1) == b["suffix_target"][m]).float().mean().item()
-    first = model.predict_actions(b, num_steps)[:, 0].cpu()  # (N, A)
-    # share of greedy AR FAST decodes that needed fixing (wrong length, stray ids, no "|"): the `fast` policy's
-    # own failure mode; ki and joint train the same head, so it is measured for them too
-    malformed = 1 - model.generate_fast_actions(b)[1].float().mean().item() if model.cfg.use_fast else float("nan")
-    return {"fast_token_acc": acc, "first_action_mse": ((first - diag["actions"][:, 0]) ** 2).mean().item(),
-            "malformed_fast": malformed}
+        sums[0], sums[1] = (model.backbone.lm_head(h[m]).argmax(-1) == b["suffix_target"][m]).sum(), m.sum()
+        # greedy AR FAST decodes that needed fixing (wrong length, stray ids, no "|"): the `fast` policy's own
+        # failure mode; ki and joint train the same head, so it is measured for them too
+        sums[4] = (~model.generate_fast_actions(b)[1]).sum()
+    first = model.predict_actions(b, num_steps, noise)[:, 0]  # (n, A)
+    sums[2], sums[3], sums[5] = ((first - b["actions"][:, 0]) ** 2).sum(), first.numel(), len(first)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    fast = model.cfg.use_fast
+    return {"fast_token_acc": (sums[0] / sums[1]).item() if fast else float("nan"),
+            "first_action_mse": (sums[2] / sums[3]).item(), "malformed_fast": (sums[4] / sums[5]).item() if fast else float("nan")}
 
 
 def probe_labels(vqa_obs):
@@ -759,9 +776,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         # and times also draw from, so --eval_interval changes the trained weights. Kept: the fix missed the bar.
         torch.manual_seed(seed)
         ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
-        if s["rank"] == 0:
-            history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
-        return history["eval"][-1] if s["rank"] == 0 else None
+        history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"], s)})
+        return history["eval"][-1]
 
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
                 f"train {cfg.variant} seed {seed}", curve, history)
@@ -774,12 +790,12 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     ok_color, _, colored = shared_rollouts(*go, splits["unseen_color"], seeds, *rl, record=n_gif // 2) \
         if splits["unseen_color"] else (np.array([np.nan]), 0, [])
     ok_words, _, worded = shared_rollouts(*go, splits["train"], seeds, *rl, record=n_gif // 2, reword=True)
+    # the curve's last point is the final evaluation (its 200 episodes, not another 50 on the curve's seeds)
+    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()), **diagnostics(ema, diag, s["num_steps"], s)})
     if s["rank"] > 0:  # the rest of the evaluation and the outputs: rank 0 only
         return None
     threads = torch.get_num_threads()
     torch.set_num_threads(threads * s["world"] if s["device"] == "cpu" else threads)  # the other ranks wait
-    # the curve's last point is the final evaluation (its 200 episodes, not another 50 on the curve's seeds)
-    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()), **diagnostics(ema, diag, s["num_steps"])})
     metrics = {
         "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
         "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
