@@ -708,7 +708,8 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
     assert 0 <= m["success"] <= 1 and np.isfinite(m["first_action_mse"]) and 0 <= m["fast_token_acc"] <= 1
     ck = kivla.KIVLA.from_checkpoint(out / "ckpt.pt")  # what --eval_only loads
     assert isinstance(ck.backbone, kivla.HFBackbone) and ck.cfg.n_kv_head == 1  # Gemma 2B's layout
-    assert 0 <= train_toy.rollouts(ck, "train", [EVAL_SEED], 10, 3)[0].mean() <= 1
+    ok, _, frames = train_toy.rollouts(ck, "train", [EVAL_SEED], 10, 3, record=2)  # more GIF episodes than episodes
+    assert 0 <= ok.mean() <= 1 and len(frames) == 1 and len(frames[0][0]) >= 2
     with pytest.raises(SystemExit, match="VLM weights do not fit"):  # HF weights into the toy VLM: refused
         train_toy.main(TINY_RUN + [f"--init_from={out / 'pretrained.pt'}", f"--out_dir={tmp_path / 'x'}"])
 

@@ -240,6 +240,7 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
     -> success per episode, seconds per action chunk, frames of the first `record` episodes."""
     model.eval()
     envs = [kivla.PushEnv(tasks=tasks, render_mode="rgb_array") for _ in seeds]
+    record = min(record, len(envs))  # e.g. --gif_episodes above a rank's share of --eval_episodes
     obs = [e.reset(seed=s)[0] for e, s in zip(envs, seeds)]
     if reword:
         instruction = [kivla.paraphrase(e.instruction, np.random.default_rng(s)) for e, s in zip(envs, seeds)]
