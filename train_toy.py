@@ -1219,7 +1219,8 @@ def run(s, cfg):
                   f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
                   f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
         results.append(summarize(runs) if runs else None)
-    if s["rank"] > 0:
+    if s["rank"] > 0:  # wait, asleep, until rank 0 has written everything: exiting now would tear down this
+        torch.distributed.barrier()  # process's 1.8 GB beside rank 0's two-thread evaluation (latency 2x)
         torch.distributed.destroy_process_group()
         return None
     expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), train_tasks)
@@ -1239,6 +1240,7 @@ def run(s, cfg):
         print(open(os.path.join(s["out_dir"], "compare.md")).read())
     print(f"scripted expert on the same seeds: {expert_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
     if s["world"] > 1:
+        torch.distributed.barrier()  # the other ranks may go now
         torch.distributed.destroy_process_group()
     return out
 
