@@ -1085,7 +1085,7 @@ class KIVLA(nn.Module):
         x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
         # every layer's prefix keys/values, copied once into a buffer with H free slots at its end: each Euler step
         # writes the expert's own H there (a cat per layer and step would copy the whole prefix again, 10% of the time)
-        kv = [tuple(torch.cat([t, t.new_empty(*t.shape[:2], H, t.shape[3])], 2) for t in pair) for pair in kv]
+        kv = [tuple(torch.cat([t, t.new_empty(*t.shape[:2], H, t.shape[3])], 2) for t in pair) for pair in kv]  # (B, nkv, Tp + H, hs)
         dt = -1.0 / num_steps
         for i in range(num_steps):
             tau = torch.full((B,), 1.0 + i * dt, device=self.device)

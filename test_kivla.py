@@ -3,6 +3,7 @@ Tiny dimensions, CPU only, no network; the whole file runs in well under a minut
 
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -878,6 +879,30 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
     assert not any("q_norm" in n for n, _ in kivla.KIVLA(kivla.Config(qk_norm=False), tok).named_parameters())
 
 
+def _train_both_ways(path):
+    """On each of 2 ranks: a few robot steps with the gradients averaged through shared memory (one machine),
+    then the same with DDP (LOCAL_WORLD_SIZE=1: as if each rank had a machine of its own). Rank 0 saves the
+    initial weights and both results."""
+    s, cfg = train_toy.parse_args(TINY_RUN)
+    s["device"] = "cpu"
+    s["rank"], s["world"] = train_toy.setup_distributed(s)
+    train_toy.deterministic(s)
+    obs, chunks, _, _ = train_toy.collect_demos(2, cfg.action_horizon, 0.3, 0)
+    tok = kivla.FASTTokenizer(4.0, 64).fit(chunks)
+    weights = []
+    for local in ("2", "1"):
+        os.environ["LOCAL_WORLD_SIZE"] = local
+        torch.manual_seed(0)
+        model = train_toy.build_model(s, cfg, tok)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        robot, vqa = model.make_batch(obs, chunks), model.make_batch(train_toy.make_vqa_set(8, 0))
+        train_toy.train(model, s, robot, vqa, 4, 0.25, "both ways")
+        weights.append(model.state_dict())
+    if s["rank"] == 0:
+        torch.save([init, *weights], path)
+    torch.distributed.destroy_process_group()
+
+
 def test_the_default_cpu_run_trains_in_one_process_per_core(tmp_path, capfd, monkeypatch):
     """On CPU `python train_toy.py` trains in 2 processes with half the threads each (data parallel, as under
     torchrun; gradients averaged through shared memory, bit for bit as DDP over gloo) and shares the evaluation
@@ -901,12 +926,10 @@ def test_the_default_cpu_run_trains_in_one_process_per_core(tmp_path, capfd, mon
     out = capfd.readouterr().out
     assert out.count("data parallel: parameters identical on all 2 ranks") == 2 and out.count("ki    seed 0 | success") == 1
     # the ranks average their gradients through shared memory: the same numbers as DDP's all-reduce, bit for bit
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # as if each rank had a machine of its own: DDP over gloo
-    train_toy.main(TINY_RUN + ["--procs=2", "--eval_episodes=3", f"--out_dir={tmp_path / 'ddp'}"])
-    for name in ("pretrained.pt", "ckpt.pt"):
-        a, b = (torch.load(d / name, weights_only=True)["model"] for d in (tmp_path, tmp_path / "ddp"))
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    monkeypatch.undo()
+    train_toy.start_cpu_processes(_train_both_ways, (tmp_path / "both.pt",), 2)
+    init, shared, ddp = torch.load(tmp_path / "both.pt", weights_only=True)
+    assert all(torch.equal(shared[k], ddp[k]) for k in shared)
+    assert not all(torch.equal(shared[k], init[k]) for k in shared)  # and they did train
     for k in ("success", "heldout_success", "unseen_color_success", "unseen_wording_success"):  # 3 episodes, 2 + 1
         assert m[k] * 3 == pytest.approx(round(m[k] * 3))
     assert m == json.loads((tmp_path / "metrics.json").read_text()) and (tmp_path / "rollouts.gif").stat().st_size > 0

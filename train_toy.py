@@ -625,7 +625,7 @@ def shared_memory_averager(model, s):
         fd, path[0] = tempfile.mkstemp(prefix="kivla_grads_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         os.close(fd)
     dist.broadcast_object_list(path, src=0)
-    buffers = torch.from_file(path[0], shared=True, size=2 * world * n).view(2, world, n)  # (2, world, N)
+    buffers = torch.from_file(path[0], shared=True, size=2 * world * (n + 1)).view(2, world, n + 1)  # (2, world, N + 1)
     dist.barrier()  # every rank has it mapped: the name can go (the memory stays until the last rank exits)
     if rank == 0:
         os.remove(path[0])
@@ -634,12 +634,16 @@ def shared_memory_averager(model, s):
     def average():
         nonlocal step
         params = [p for p in model.parameters() if p.grad is not None]  # the same on every rank (same row mix)
-        rows, step = buffers[step % 2, :, :sum(p.numel() for p in params)], step + 1  # (world, n)
-        torch.cat([p.grad.flatten() for p in params], out=rows[rank])
+        rows, m, step = buffers[step % 2], sum(p.numel() for p in params), step + 1  # (world, N + 1)
+        torch.cat([p.grad.flatten() for p in params], out=rows[rank, :m])
+        rows[rank, -1] = len(params)  # the last column: how many parameters have a gradient
         dist.barrier()  # every rank's gradients are in
-        avg = rows[0].clone()  # (n,): summed in rank order, then divided, as the all-reduce does
+        if (rows[:, -1] != len(params)).any():
+            raise RuntimeError("data parallel: the ranks have gradients for different parameters; average them with "
+                               "DDP instead (LOCAL_WORLD_SIZE=1)")
+        avg = rows[0, :m].clone()  # (m,): summed in rank order, then divided, as the all-reduce does
         for r in range(1, world):
-            avg += rows[r]
+            avg += rows[r, :m]
         avg /= world
         for p, g in zip(params, avg.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
