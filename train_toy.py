@@ -634,7 +634,8 @@ def shared_memory_averager(model, s):
     def average():
         nonlocal step
         params = [p for p in model.parameters() if p.grad is not None]  # the same on every rank (same row mix)
-        rows, m, step = buffers[step % 2], sum(p.numel() for p in params), step + 1  # (world, N + 1)
+        sizes = [p.numel() for p in params]
+        rows, m, step = buffers[step % 2], sum(sizes), step + 1  # (world, N + 1)
         torch.cat([p.grad.flatten() for p in params], out=rows[rank, :m])
         rows[rank, -1] = len(params)  # the last column: how many parameters have a gradient
         dist.barrier()  # every rank's gradients are in
@@ -645,7 +646,7 @@ def shared_memory_averager(model, s):
         for r in range(1, world):
             avg += rows[r, :m]
         avg /= world
-        for p, g in zip(params, avg.split([p.numel() for p in params])):
+        for p, g in zip(params, avg.split(sizes)):
             p.grad = g.view_as(p)
     return average
 
