@@ -14,6 +14,11 @@ References
   [3] Physical Intelligence 2025, "pi0.5", arXiv 2504.16054 (discrete state tokens, adaRMSNorm on time).
   [4] Pertsch et al. 2025, "FAST: Efficient Action Tokenization", arXiv 2501.09747 (DCT + BPE).
   [5] Lipman et al. 2023, "Flow Matching for Generative Modeling" (the flow loss).
+  [6] Xiao et al. 2021, "Early Convolutions Help Transformers See Better" (the ViT's conv stem).
+  [7] Perez et al. 2018, "FiLM: Visual Reasoning with a General Conditioning Layer" (ToyStem).
+  [8] Liu et al. 2018, "An Intriguing Failing of Convolutional Neural Networks and the CoordConv Solution" (ToyStem).
+  [9] QK-norm: Henry et al. 2020, "Query-Key Normalization for Transformers"; Gemma Team 2025, "Gemma 3
+      Technical Report", arXiv 2503.19786.
 
 Notation
   B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens (= Ti + Tt + state_dim),
@@ -472,7 +477,7 @@ def make_vqa(env, rng):
     i = int(rng.integers(3))
     color, pos = env.colors[i], env.blocks[i]
     if kind == 0:
-        # grounding in the robot's own words (README "Other float orders": without it, some VLMs learn actions slowly)
+        # grounding in the robot's own words: the VLM learns to find the block an instruction names
         if rng.random() < 0.5:
             said = INSTRUCTION.format(color=color, corner=list(CORNERS)[rng.integers(4)])
             return f"{said} where is it", position_bins(pos)
@@ -501,31 +506,35 @@ WORDS = sorted(set(" ".join([INSTRUCTION, "where is it the which corner nearest 
 class Vocab:
     """Word-level text tokens + discretised state + FAST ids, mapped into one id space.
 
-    The toy's own table (size=None): [specials][words][state bins 0..255][FAST 0..V-1].
-    Inside a real VLM's vocabulary of `size` ids (HFBackbone): words keep the low ids (or come from the VLM's
-    own `tokenizer`), and [state bins]["Action:" "Answer:" "|"][FAST] sit just below the last `reserved` ids:
-    openpi puts FAST into the last ids of PaliGemma's vocabulary but skips its final 128 (special tokens,
-    the image token among them), so no special token is ever overwritten.
+    Vocab(...) is the toy's own table: [specials][words][state bins 0..255][FAST 0..V-1].
+    Vocab.inside(size, ...) places the same pieces inside a real VLM's vocabulary (HFBackbone).
     """
 
-    def __init__(self, fast_vocab_size, state_bins=256, size=None, tokenizer=None, reserved=128):
+    def __init__(self, fast_vocab_size, state_bins=256):
         self.itos = SPECIALS + WORDS
         self.stoi = {w: i for i, w in enumerate(self.itos)}
-        self.state_bins, self.tokenizer = state_bins, tokenizer
-        if size is None:
-            self.state_offset = len(self.itos)
-            self.fast_offset = self.state_offset + state_bins
-            self.size = self.fast_offset + fast_vocab_size
-            self.pad, self.unk, self.action, self.answer, self.eos = range(5)
-            return
-        self.size, self.fast_offset = size, size - reserved - fast_vocab_size
-        self.action, self.answer, self.eos = range(self.fast_offset - 3, self.fast_offset)
-        self.state_offset = self.action - state_bins
-        # a real tokenizer's rarest ids get repurposed, as openpi does; the toy words must all fit below
-        self.pad, self.unk = (0, 1) if tokenizer is None else (tokenizer.pad_token_id, tokenizer.unk_token_id)
-        if tokenizer is None and len(self.itos) > self.state_offset:
-            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(self.itos)} words + {state_bins} state bins + 3 "
+        self.state_bins, self.tokenizer = state_bins, None
+        self.pad, self.unk, self.action, self.answer, self.eos = range(5)
+        self.state_offset = len(self.itos)
+        self.fast_offset = self.state_offset + state_bins
+        self.size = self.fast_offset + fast_vocab_size
+
+    @classmethod
+    def inside(cls, size, fast_vocab_size, state_bins=256, tokenizer=None, reserved=128):
+        """Inside a real VLM's vocabulary of `size` ids: words keep the low ids (or come from the VLM's own
+        `tokenizer`), and [state bins]["Action:" "Answer:" "|"][FAST] sit just below the last `reserved` ids.
+        openpi puts FAST into the last ids of PaliGemma's vocabulary but skips its final 128 (special tokens,
+        the image token among them), so no special token is ever overwritten."""
+        v = cls(fast_vocab_size, state_bins)
+        v.size, v.tokenizer, v.fast_offset = size, tokenizer, size - reserved - fast_vocab_size
+        v.action, v.answer, v.eos = range(v.fast_offset - 3, v.fast_offset)
+        v.state_offset = v.action - state_bins
+        if tokenizer is not None:  # a real tokenizer's rarest ids get repurposed, as openpi does
+            v.pad, v.unk = tokenizer.pad_token_id, tokenizer.unk_token_id
+        elif len(v.itos) > v.state_offset:  # the toy words must all fit below the state bins
+            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(v.itos)} words + {state_bins} state bins + 3 "
                              f"markers + {fast_vocab_size} FAST ids + {reserved} reserved ids")
+        return v
 
     def words(self, text):
         """-> (ids, unknown_words). Unknown words become <unk> and are reported, never dropped.
@@ -671,103 +680,113 @@ class Block(nn.Module):
         self.fc_gate = nn.Linear(width, 4 * width, bias=False)
         self.fc_up = nn.Linear(width, 4 * width, bias=False)
         self.fc_down = nn.Linear(4 * width, width, bias=False)
-        # pi0.5's adaRMSNorm: the condition predicts a scale, shift and gate per sub-block
+        # pi0.5's adaRMSNorm [3]: the condition predicts a scale, shift and gate per sub-block
         self.ada = nn.Linear(cond_dim, 6 * width) if cond_dim else None
-        # QK-norm (Henry et al. 2020; ViT-22B; Gemma 3 [9]): each head's queries and keys are RMS-normalised, so
-        # attention logits start at about unit size instead of ~0 (std-0.02 weights). Without it, half the toy
-        # VLMs' attention stays uniform for 1500 steps: the grounding plateau (README "QK-norm").
+        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at about unit
+        # size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's attention can stay uniform
+        # for its whole pretraining: no image question rises above chance (the grounding plateau).
         self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm else (None, None)
 
-    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None, kv_slots=False):
-        """x (B, T, W) -> x (B, T, W), (k, v) of these T tokens, each (B, nkv, T, hs).
-        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
-        past_kv: keys/values prepended to this block's own (backbone cache, or the prefix for the expert).
-        kv_slots: past_kv already ends in T free slots, which this block's own keys/values are written into.
-        mask: bool (B, 1, T, Tpast + T), True = may attend."""
-        B, T, _ = x.shape
-        s1 = b1 = g1 = s2 = b2 = g2 = None  # ViT and backbone: plain pre-norm (no identity multiplies to pay for)
-        if self.ada is not None:  # adaRMSNorm: (1 + scale), shift and (1 + gate) per sub-block, the identity at zero
-            s1, b1, g1, s2, b2, g2 = [m.unsqueeze(1) for m in self.ada(cond).chunk(6, dim=-1)]  # (B, 1, W) each
-            s1, g1, s2, g2 = 1 + s1, 1 + g1, 1 + s2, 1 + g2
-        h = self.norm1(x) if s1 is None else self.norm1(x) * s1 + b1
-        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2 nkv, T, hs): [q | k | v] heads
-        qk, v = qkv.split([nh + nkv, nkv], 1)
-        # queries and keys go through the norm and RoPE together: half as many of these small ops, which
-        # is where a CPU step of the toy spends its time (README "Speed")
+    def norm_and_rotate(self, qk, rot=None):
+        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once. Speed trick: one op
+        for both instead of one each (a step of the toy is thousands of small ops), ~4% of a CPU training step."""
         if self.q_norm is not None:
+            nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
             qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs), self.k_norm.weight.expand(nkv, 1, hs)]))
-        if rot is not None:
-            qk = rope(qk, *rot)
-        q, k = qk.split([nh, nkv], 1)  # (B, nh, T, hs), (B, nkv, T, hs)
-        if past_kv is None:
-            kk, vv = k, v
-        elif kv_slots:  # flow sampling: the prefix stays in place across Euler steps, only these T slots change
-            past_kv[0][:, :, -T:], past_kv[1][:, :, -T:] = k, v
-            kk, vv = past_kv
-        else:
-            kk, vv = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, nkv, Tpast + T, hs)
-        if nkv < nh:  # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head)
-            kk, vv = kk.repeat_interleave(nh // nkv, 1), vv.repeat_interleave(nh // nkv, 1)
-        a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # (B, nh, T, hs)
-        a = self.proj(a.transpose(1, 2).reshape(B, T, -1))  # (B, T, W)
-        x = x + (a if g1 is None else g1 * a)
-        h = self.norm2(x) if s2 is None else self.norm2(x) * s2 + b2
-        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W), GeGLU as in Gemma
-        return x + (m if g2 is None else g2 * m), (k, v)
+        return qk if rot is None else rope(qk, *rot)
+
+    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
+        """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
+        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
+        mask: bool (B, 1, T, Tpast + T), True = may attend.
+        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for the action
+        expert, the backbone's prefix keys/values of the same layer (the mixture of transformers).
+        cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        if cond is not None:  # adaRMSNorm: (1 + scale), shift and (1 + gate) per sub-block, the identity at zero
+            s1, b1, g1, s2, b2, g2 = self.ada(cond)[:, None].chunk(6, dim=-1)  # (B, 1, W) each
+        # 1) attention
+        h = self.norm1(x) if cond is None else self.norm1(x) * (1 + s1) + b1
+        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)  # (B, heads, T, hs)
+        q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
+        keys, values = k, v
+        if past_kv is not None:  # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
+            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, nkv, Tpast + T, hs)
+        # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)  # (B, nh, T, hs)
+        a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
+        x = x + a if cond is None else x + (1 + g1) * a
+        # 2) gated MLP (GeGLU, as in Gemma)
+        h = self.norm2(x) if cond is None else self.norm2(x) * (1 + s2) + b2
+        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W)
+        x = x + m if cond is None else x + (1 + g2) * m
+        return x, (k, v)
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. ViT image encoder (SigLIP analog): conv stem -> patch tokens -> transformer -> backbone width
+# 7. ViT image encoder (SigLIP analog): a conv stem -> patch tokens -> transformer -> backbone width
 # ------------------------------------------------------------------------------------------------
+
+
+class ToyStem(nn.Module):
+    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS, both switchable (README "Deviations").
+    A real VLA's SigLIP arrives pre-trained; this one learns from scratch in a few thousand steps, so:
+      - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
+        translation-equivariant, but every answer and action here needs absolute position ("the top left corner").
+      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels (early fusion).
+        Without it the ViT learns which blob "red" names far more slowly (toy VQA 0.34 vs 0.78, README).
+    image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
+
+    def __init__(self, cfg, n_words):
+        super().__init__()
+        w, self.coord = cfg.vit_width, cfg.coord_stem
+        c_in = 5 if cfg.coord_stem else 3
+        if cfg.vit_stem == "conv":  # 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
+            n = int(math.log2(cfg.patch_size))
+            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
+            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
+        else:  # one patchify conv, as SigLIP
+            chans = [c_in, w]
+            self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
+        self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
+        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it alone: a strong random
+        # FiLM from the start (std 0.3) lets colour words change the image tokens at once
+        self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
+            if cfg.film_stem and self.hidden else None  # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
+
+    def forward(self, image, text, text_valid):
+        x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        if self.coord:
+            B, _, S, _ = x.shape
+            c = torch.linspace(-1, 1, S, device=x.device).expand(B, 1, S, S)  # (B, 1, S, S): x, left to right
+            x = torch.cat([x, c, c.transpose(2, 3)], 1)  # (B, 5, S, S): RGB | x | y
+        if self.film is not None:
+            m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
+            film = ((F.embedding(text, self.film) * m).sum(1) / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
+            if i < len(self.convs) - 1:
+                if self.film is not None:
+                    g, b = film[i][:, :, None, None].chunk(2, dim=1)  # (B, C_i, 1, 1) each
+                    x = x * (1 + g) + b
+                x = F.gelu(x)
+        return x
 
 
 class ViT(nn.Module):
     def __init__(self, cfg, n_words):
         super().__init__()
         w = cfg.vit_width
-        # Toy-scale deviation (README "Deviations"): convs are translation-equivariant, but every answer and
-        # action here needs absolute position ("where is the red block", "the top left corner"). Two input
-        # channels holding each pixel's x and y give it from step 0 (CoordConv, Liu et al. 2018 [8]);
-        # coord_stem=False removes them.
-        self.coord = cfg.coord_stem
-        c_in = 5 if cfg.coord_stem else 3
-        if cfg.vit_stem == "conv":  # Xiao et al. 2021: 3x3 stride-2 convs see better than one big patchify
-            n = int(math.log2(cfg.patch_size))
-            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
-            self.stem = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
-        else:
-            chans = [c_in, w]
-            self.stem = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
-        # Toy-scale deviation (README "Deviations"): a from-scratch ViT on a few thousand steps does not
-        # learn which blob "red" names if text meets pixels only inside the backbone. Letting the words
-        # FiLM-modulate the hidden stem channels (early fusion) fixes that; film_stem=False removes it.
-        self.film = nn.Embedding(n_words, 2 * sum(chans[1:-1])) if cfg.film_stem and len(chans) > 2 else None
+        self.stem = ToyStem(cfg, n_words)
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))  # learned 2-D positions, flattened
         self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm) for _ in range(cfg.vit_layers))
         self.norm = RMSNorm(w)
         self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
 
-    def forward(self, image, text=None, text_valid=None):
-        """image uint8 (B, S, S, 3), text ids (B, Tt) -> image tokens (B, Ti, D)."""
-        x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
-        if self.coord:
-            B, _, S, _ = x.shape
-            c = torch.linspace(-1, 1, S, device=x.device).expand(B, 1, S, S)  # (B, 1, S, S): x, left to right
-            x = torch.cat([x, c, c.transpose(2, 3)], 1)  # (B, 5, S, S): RGB | x | y
-        film = None
-        if self.film is not None:
-            m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): mean of the real words' embeddings
-            film = ((self.film(text) * m).sum(1) / m.sum(1).clamp(min=1)).split(
-                [2 * c.out_channels for c in self.stem[:-1]], dim=-1)
-        for i, conv in enumerate(self.stem):
-            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
-            if i < len(self.stem) - 1:
-                if film is not None:
-                    g, b = film[i].chunk(2, dim=-1)  # (B, C_i) each
-                    x = x * (1 + g[:, :, None, None]) + b[:, :, None, None]
-                x = F.gelu(x)
-        x = x.flatten(2).transpose(1, 2) + self.pos_emb  # (B, Ti, W)
+    def forward(self, image, text, text_valid):
+        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them) -> image tokens (B, Ti, D)."""
+        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb  # (B, Ti, W)
         for blk in self.blocks:
             x, _ = blk(x)
         return self.proj(self.norm(x))  # (B, Ti, D)
@@ -818,12 +837,6 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
-
-    def init_film(self):
-        """Strong random FiLM from the start: colour words change the image tokens at once, which shortens
-        the grounding plateau (see ViT)."""
-        if self.vit.film is not None:
-            nn.init.normal_(self.vit.film.weight, std=0.3)
 
     def embed_prefix(self, batch):
         """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
@@ -878,22 +891,28 @@ class ActionExpert(nn.Module):
         ang = 2 * math.pi * tau[:, None].float() / period[None]
         return torch.cat([ang.sin(), ang.cos()], -1)
 
-    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos, kv_slots=False):
+    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
         """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs), prefix_valid (B, Tp),
-        pos (H,) -> predicted velocity (B, H, A). kv_slots: prefix_kv is (B, nkv, Tp + H, hs), H slots free."""
+        pos (H,) -> predicted velocity (B, H, A)."""
         B, H, _ = x_tau.shape
         x = self.in_proj(x_tau)  # (B, H, W)
         cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
         mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
         rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
         for blk, kv in zip(self.blocks, prefix_kv):
-            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond, kv_slots=kv_slots)
+            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)  # layer l reads the backbone's layer l
         return self.out_proj(self.norm(x))  # (B, H, A)
 
 
 # ------------------------------------------------------------------------------------------------
 # 10. KIVLA: batches, the KI loss, flow sampling with a KV cache, and the AR FAST baseline
 # ------------------------------------------------------------------------------------------------
+
+def _eager():
+    """False while torch.compile traces or a CUDA graph captures: checks that read a value back to Python (a host
+    sync) run only in eager mode."""
+    return not torch.compiler.is_compiling() and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
 
 BATCH_KEYS = """
   image         uint8 (B, S, S, 3)   camera image, the only place block positions live
@@ -929,13 +948,11 @@ class KIVLA(nn.Module):
             self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
             self.backbone = Backbone(cfg, self.vocab)
         else:  # our ids inside the VLM's vocabulary (text from its tokenizer if it has one)
-            self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins, size=backbone.vocab_size, tokenizer=backbone.tokenizer)
+            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size, cfg.state_bins, backbone.tokenizer)
             self.backbone = backbone
         self.action_expert = ActionExpert(cfg)
         for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
             m.apply(self._init_weights)  # a real VLM keeps its own (pre-trained) weights
-        if backbone is None:  # last, as it always was: the random stream (and so every result) is unchanged
-            self.backbone.init_film()
 
     @staticmethod
     def _init_weights(m):
@@ -1017,58 +1034,61 @@ class KIVLA(nn.Module):
         h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
         return h[:, Tp:], kv, prefix_valid
 
-    def _expert(self, x_tau, tau, kv, prefix_valid, kv_slots=False):
+    def _expert(self, x_tau, tau, kv, prefix_valid):
         Tp, H = prefix_valid.shape[1], x_tau.shape[1]
         # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
         # inference none do; numbering them after the FAST tokens would shift them between train and test
         pos = torch.arange(Tp, Tp + H, device=x_tau.device)
-        return self.action_expert(x_tau, tau, kv, prefix_valid, pos, kv_slots)
+        return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
 
     # -- training -------------------------------------------------------------------------------
     def compute_loss(self, batch, noise=None, time=None):
         """loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
-        noise (B, H, A) and time (B,) may be given (tests); otherwise sampled."""
+        noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
+        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you log: reading
+        one waits for the device, so the training loop does it every few steps, not every step).
+        Every shape here is fixed by the batch's shape, whatever its mix of robot and VQA rows: masks instead
+        of boolean indexing, so the step runs as one graph (torch.compile, CUDA graphs) with no host syncs."""
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
-        # 0) drop the suffix padding that no row in this batch uses (the suffix is causal: same numbers, less work)
-        used = batch["suffix_loss"].any(0).nonzero()
-        n = int(used.max()) + 1 if len(used) else 0
-        batch.update({k: batch[k][:, :n] for k in ("suffix", "suffix_target", "suffix_loss")})
-        if not cfg.use_fast and (batch["suffix"] >= self.vocab.fast_offset).any():
-            raise ValueError(f"variant {cfg.variant!r} trains without FAST tokens, but the batch has some: "
-                             "build batches with this model's make_batch")
+        if not cfg.use_fast and _eager():
+            self._check_no_fast_tokens(batch)
         # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
-        h, kv, prefix_valid = self.forward_vlm(batch)
+        h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
         Tp = prefix_valid.shape[1]
         # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone learns actions
-        m = batch["suffix_loss"]
-        ce = F.cross_entropy(self.backbone.lm_head(h[m]).float(), batch["suffix_target"][m]) if m.any() else h.new_zeros(())
+        m = batch["suffix_loss"].float()  # (B, Ts): 1 where a target gets the loss
+        logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), batch["suffix_target"].flatten(), reduction="none")  # (B * Ts,)
+        ce = (ce * m.flatten()).sum() / m.sum().clamp(min=1)  # mean over the real targets
         flow = h.new_zeros(())
-        # 3) flow matching for the action expert, on robot rows only
-        r = batch["has_actions"]
-        if cfg.use_flow and r.any():
-            kv = [(k[r, :, :Tp], v[r, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
+        # 3) flow matching for the action expert; computed on every row, counted on robot rows only
+        if cfg.use_flow:
+            kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
             if cfg.stop_gradient:
                 # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a stop-gradient.
                 # The forward pass is unchanged; the flow loss just cannot push gradients into the VLM.
                 kv = [(k.detach(), v.detach()) for k, v in kv]
             n = cfg.flow_samples  # several (noise, tau) draws per prefix: the prefix is paid for once, and the
             kv = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in kv]  # expert is cheap next to it
-            valid, actions = prefix_valid[r].repeat(n, 1), batch["actions"][r].repeat(n, 1, 1)  # (nR, Tp), (nR, H, A)
-            if noise is None:
-                noise = torch.randn_like(actions)
-            else:  # given per batch row (tests): (B, H, A)
-                noise = noise.to(h.device)[r].repeat(n, 1, 1)
-            if time is None:  # Beta(1.5, 1) on [0.001, 1]: more weight on noisy times (pi0)
-                time = torch.distributions.Beta(1.5, 1.0).sample((len(actions),)).to(h.device) * 0.999 + 0.001
+            valid, actions = prefix_valid.repeat(n, 1), batch["actions"].repeat(n, 1, 1)  # (nB, Tp), (nB, H, A)
+            noise = torch.randn_like(actions) if noise is None else noise.to(actions.device).repeat(n, 1, 1)
+            if time is None:  # tau ~ Beta(1.5, 1) on [0.001, 1]: more weight on noisy times (pi0 [2]); its CDF is
+                time = torch.rand(len(actions), device=actions.device) ** (1 / 1.5) * 0.999 + 0.001  # tau^1.5
             else:
-                time = time.to(h.device)[r].repeat(n)
-            tau = time[:, None, None]  # (nR, 1, 1)
+                time = time.to(actions.device).repeat(n)
+            tau = time[:, None, None]  # (nB, 1, 1)
             x_tau = tau * noise + (1 - tau) * actions  # tau = 1 is pure noise, 0 the clean chunk
             u = noise - actions  # target velocity d x_tau / d tau
-            v = self._expert(x_tau, time, kv, valid)  # (nR, H, A)
-            flow = ((v.float() - u) ** 2).mean()
+            v = self._expert(x_tau, time, kv, valid)  # (nB, H, A)
+            r = batch["has_actions"].float().repeat(n)  # (nB,): VQA rows have no actions to learn
+            flow = (((v.float() - u) ** 2).mean((1, 2)) * r).sum() / r.sum().clamp(min=1)
         loss = ce + cfg.flow_weight * flow
-        return loss, {"loss": loss.item(), "ce_loss": ce.item(), "flow_loss": flow.item()}
+        return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
+
+    def _check_no_fast_tokens(self, batch):
+        if (batch["suffix"] >= self.vocab.fast_offset).any():
+            raise ValueError(f"variant {self.cfg.variant!r} trains without FAST tokens, but the batch has some: "
+                             "build batches with this model's make_batch")
 
     def forward(self, batch, noise=None, time=None):
         """Calling the model is its training loss, so DistributedDataParallel and torch.compile can wrap it."""
@@ -1078,18 +1098,16 @@ class KIVLA(nn.Module):
     @torch.no_grad()
     def sample_actions(self, batch, num_steps=10, noise=None):
         """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to tau=0
-        with num_steps Euler steps of the action expert alone. -> (B, H, A)."""
+        with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting point (drawn if
+        None). -> (B, H, A) actions, on the model's device."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        kv, valid = self.backbone_prefix_kv(batch)
+        kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
         B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
-        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
-        # every layer's prefix keys/values, copied once into a buffer with H free slots at its end: each Euler step
-        # writes the expert's own H there (a cat per layer and step would copy the whole prefix again, 10% of the time)
-        kv = [tuple(torch.cat([t, t.new_empty(*t.shape[:2], H, t.shape[3])], 2) for t in pair) for pair in kv]  # (B, nkv, Tp + H, hs)
-        dt = -1.0 / num_steps
+        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)  # (B, H, A), tau = 1
+        dt = 1.0 / num_steps
         for i in range(num_steps):
-            tau = torch.full((B,), 1.0 + i * dt, device=self.device)
-            x = x + dt * self._expert(x, tau, kv, valid, kv_slots=True).float()
+            tau = torch.full((B,), 1.0 - i * dt, device=self.device)
+            x = x - dt * self._expert(x, tau, kv, valid).float()  # x_{tau - dt} = x_tau - dt * v(x_tau, tau)
         return self._unnormalize(x)
 
     def _unnormalize(self, actions):
@@ -1100,7 +1118,7 @@ class KIVLA(nn.Module):
     @torch.no_grad()
     def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
         """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens after
-        "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly).
+        "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly), on the model's device.
         stop_at_eos=False always decodes max_tokens (fair timing of an untrained model)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         vocab, dev = self.vocab, self.device
@@ -1138,7 +1156,8 @@ class KIVLA(nn.Module):
             a, ok = self.fast_tokenizer.decode(ids, return_valid=True)
             acts.append(a)
             oks.append(ok and ended)
-        return self._unnormalize(torch.from_numpy(np.stack(acts))), torch.tensor(oks)
+        actions = torch.from_numpy(np.stack(acts)).to(tokens.device)  # (B, H, A)
+        return self._unnormalize(actions), torch.tensor(oks, device=tokens.device)
 
     @torch.no_grad()
     def predict_actions(self, batch, num_steps=10, noise=None):

@@ -306,8 +306,8 @@ def test_expert_positions_do_not_depend_on_fast_tokens(demo):
     assert (b_ki["suffix"] >= ki.vocab.fast_offset).any()
     assert not (b_pi0["suffix"] >= pi0.vocab.fast_offset).any(), "pi0 batches carry no FAST tokens"
     noise, time = fixed(b_ki)
-    assert torch.allclose(torch.tensor(ki.compute_loss(b_ki, noise, time)[1]["flow_loss"]),
-                          torch.tensor(pi0.compute_loss(b_pi0, noise, time)[1]["flow_loss"]), rtol=1e-5)
+    assert torch.allclose(ki.compute_loss(b_ki, noise, time)[1]["flow_loss"],
+                          pi0.compute_loss(b_pi0, noise, time)[1]["flow_loss"], rtol=1e-5)
 
 
 def test_attention_mask_prefix_bidirectional_suffix_causal(demo):
@@ -583,7 +583,7 @@ def test_hf_backbone_ids_masks_and_rope_match_the_expert(demo):
 
         def encode(self, text, add_special_tokens=True):
             return [10 + len(w) for w in text.split()]
-    real = kivla.Vocab(tok.vocab_size, size=V, tokenizer=Tokenizer())
+    real = kivla.Vocab.inside(V, tok.vocab_size, tokenizer=Tokenizer())
     assert real.words("push the red block") == ([14, 13, 13, 15], []) and (real.pad, real.unk) == (0, 3)
     assert real.fast_offset == v.fast_offset and real.state_offset == v.state_offset
 
@@ -620,7 +620,8 @@ def test_hf_backbone_overfits_a_handful_of_samples(demo):
 
 TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--train_steps=6", "--eval_episodes=2",
             "--eval_interval=6", "--gif_episodes=1", "--batch_size=8", "--d_model=32", "--n_layer=2", "--n_head=2",
-            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--replan=10", "--num_steps=2"]
+            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--replan=10", "--num_steps=2",
+            "--device=cpu"]  # same seed, same numbers: on one CPU
 
 
 TIMING = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "run_time_s", "wall_time_s")
@@ -656,7 +657,7 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     header, rows = md[2], [line for line in md if line.startswith("| ") and not line.startswith(("| variant", "| claim"))]
     assert all(h.split(" (")[0] in header for _, h, _ in train_toy.COMPARE_COLUMNS)
     assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _, _ in train_toy.COMPARE_ROWS]
-    assert all(r.count(" | ") == len(train_toy.COMPARE_COLUMNS) for r in rows)
+    assert all(r.count(" | ") == len(train_toy.COMPARE_COLUMNS) + 1 for r in rows)  # + the seeds column
     assert train_toy.steps_to({"eval": [{"step": 100, "success": 0.2}, {"step": 200, "success": 0.6}]}) == 175
     assert math.isnan(train_toy.steps_to({"eval": [{"step": 100, "success": 0.2}]}))
     for f in ("pretrained.pt", "metrics.json", "compare.png", "ckpt_ki_seed0.pt", "ckpt_joint_noVQA_seed1.pt",
@@ -666,6 +667,21 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     e = json.loads((tmp_path / "a" / "history_ki_seed1.json").read_text())["eval"]
     assert [r["step"] for r in e] == [6] and all(0 <= r["fast_token_acc"] <= 1 and r["first_action_mse"] >= 0 for r in e)
     assert (tmp_path / "b" / "rollouts.gif").stat().st_size > 0
+    # built in pieces: one more seed of two rows, run on its own, merged with the whole comparison
+    pre = f"--init_from={tmp_path / 'a' / 'pretrained.pt'}"
+    c = train_toy.main(TINY_RUN + ["--compare", "--variants=pi0,ki", "--seed=2", pre, f"--out_dir={tmp_path / 'c'}"])
+    assert [r["runs"][0]["row"] for r in c["compare"]] == ["ki", "pi0"]  # in the table's order
+    merged = train_toy.main([f"--merge={tmp_path / 'a'},{tmp_path / 'c'}", f"--out_dir={tmp_path / 'm'}"])["compare"]
+    assert [r["runs"][0]["row"] for r in merged] == [name for name, _, _ in train_toy.COMPARE_ROWS]
+    assert merged[0]["seeds"] == [0, 1, 2] and merged[3]["seeds"] == [0, 1]
+    assert merged[0]["success"] == pytest.approx(np.mean([x["success"] for x in ki["runs"] + c["compare"][0]["runs"]]))
+    assert "| ki | 0,1,2 |" in (tmp_path / "m" / "compare.md").read_text() and (tmp_path / "m" / "compare.png").exists()
+    with pytest.raises(SystemExit, match="ki seed 2 is in more than one run"):
+        train_toy.main([f"--merge={tmp_path / 'c'},{tmp_path / 'c'}", f"--out_dir={tmp_path / 'm'}"])
+    with pytest.raises(SystemExit, match="--variants picks rows of --compare"):
+        train_toy.parse_args(["--variants=ki"])
+    with pytest.raises(SystemExit, match="unknown rows"):
+        train_toy.parse_args(["--compare", "--variants=ki,nope"])
     ck = torch.load(tmp_path / "a" / "ckpt_ki_seed0.pt", weights_only=True)
     m = kivla.KIVLA(kivla.Config(**ck["config"]), kivla.FASTTokenizer.from_state_dict(ck["fast_tokenizer"]))
     m.load_state_dict(ck["model"])
@@ -681,13 +697,18 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     assert (tmp_path / "try" / "try.gif").stat().st_size > 0
 
 
-def test_the_curve_ends_with_the_final_evaluation(tmp_path):
+def test_the_curve_ends_with_the_final_evaluation_and_never_changes_training(tmp_path):
     """Curve points every eval_interval steps; the last point is the final evaluation's (no second evaluation of
-    the same model), with the final diagnostics."""
-    often = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=2", f"--out_dir={tmp_path}"])["runs"][0]
+    the same model), with the final diagnostics. The curve draws its noise from its own generator: measuring it
+    more often leaves the trained weights exactly as they were."""
+    often = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=2", f"--out_dir={tmp_path / 'a'}"])["runs"][0]
     assert [st for st, _ in often["curve"]] == [2, 4, 6] and often["curve"][-1][1] == often["success"]
-    last = json.loads((tmp_path / "history.json").read_text())["eval"][-1]
+    last = json.loads((tmp_path / "a" / "history.json").read_text())["eval"][-1]
     assert last["first_action_mse"] == often["first_action_mse"] and last["fast_token_acc"] == often["fast_token_acc"]
+    never = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=99", f"--out_dir={tmp_path / 'b'}"])["runs"][0]
+    assert [st for st, _ in never["curve"]] == [6]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
@@ -849,7 +870,7 @@ def test_a_vlm_still_on_the_grounding_plateau_is_restarted_from_a_fresh_init(dem
 def test_coord_stem_feeds_each_pixels_x_and_y_beside_rgb(stem):
     cfg = kivla.Config(vit_stem=stem)
     vit, seen = kivla.ViT(cfg, 50), []
-    vit.stem[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    vit.stem.convs[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     img = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     text, valid = torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 12, dtype=torch.bool)
     assert vit(img, text, valid).shape == (2, 16, cfg.d_model)
@@ -859,7 +880,7 @@ def test_coord_stem_feeds_each_pixels_x_and_y_beside_rgb(stem):
     assert torch.equal(x[:, 3], ramp.expand(2, 64, 64)), "channel 3 is x: left (-1) to right (+1), as the env's x"
     assert torch.equal(x[:, 4], ramp[:, None].expand(2, 64, 64)), "channel 4 is y: top (-1) to bottom (+1)"
     plain = kivla.ViT(kivla.Config(vit_stem=stem, coord_stem=False), 50)
-    assert plain.stem[0].in_channels == 3 and plain(img, text, valid).shape == (2, 16, cfg.d_model)
+    assert plain.stem.convs[0].in_channels == 3 and plain(img, text, valid).shape == (2, 16, cfg.d_model)
 
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
@@ -879,59 +900,68 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
     assert not any("q_norm" in n for n, _ in kivla.KIVLA(kivla.Config(qk_norm=False), tok).named_parameters())
 
 
-def _train_both_ways(path):
-    """On each of 2 ranks: a few robot steps with the gradients averaged through shared memory (one machine),
-    then the same with DDP (LOCAL_WORLD_SIZE=1: as if each rank had a machine of its own). Rank 0 saves the
-    initial weights and both results."""
-    s, cfg = train_toy.parse_args(TINY_RUN)
-    s["device"] = "cpu"
-    s["rank"], s["world"] = train_toy.setup_distributed(s)
-    train_toy.deterministic(s)
+def test_the_training_step_and_flow_sampling_compile_without_graph_breaks(demo):
+    """No data-dependent shapes and no host syncs in the step: for a batch that mixes robot and VQA rows,
+    torch.compile traces compute_loss of every variant, and sample_actions, as one graph each (what lets a GPU
+    replay the whole step as one CUDA graph). Checked with torch._dynamo.explain (tracing only, no compiling)."""
+    obs, chunks, tok = demo
+    for variant in kivla.VARIANTS:
+        m = tiny(tok, variant)
+        batch = m.make_batch(obs[4:8], chunks[4:8])  # 2 robot rows, 2 VQA rows
+        assert batch["has_actions"].tolist() == [True, True, False, False]
+        e = torch._dynamo.explain(m.compute_loss)(batch)
+        assert e.graph_break_count == 0 and e.graph_count == 1, (variant, e.break_reasons)
+    e = torch._dynamo.explain(m.eval().sample_actions)(batch)  # (the last model: fast; its expert is untrained)
+    assert e.graph_break_count == 0 and e.graph_count == 1, e.break_reasons
+
+
+def test_a_batch_of_robot_rows_only_and_one_of_vqa_rows_only_give_the_losses_they_should(demo):
+    """The masked losses: VQA rows add nothing to the flow loss, robot rows' FAST targets and VQA answers share
+    one mean; a batch without robot rows has flow loss 0 (and no NaN from an empty mean)."""
+    obs, chunks, tok = demo
+    m = tiny(tok)
+    mixed = m.make_batch(obs[4:8], chunks[4:8])
+    noise, time = fixed(mixed)
+    robot = {k: v[:2] for k, v in mixed.items()}
+    _, both = m.compute_loss(mixed, noise, time)
+    _, rob = m.compute_loss(robot, noise[:2], time[:2])
+    _, vqa = m.compute_loss({k: v[2:] for k, v in mixed.items()}, noise[2:], time[2:])
+    assert torch.allclose(both["flow_loss"], rob["flow_loss"]) and vqa["flow_loss"] == 0
+    n_rob, n_vqa = int(robot["suffix_loss"].sum()), int(mixed["suffix_loss"][2:].sum())
+    assert torch.allclose(both["ce_loss"], (rob["ce_loss"] * n_rob + vqa["ce_loss"] * n_vqa) / (n_rob + n_vqa))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_path_runs_on_cuda(tmp_path, capsys):
+    """On a GPU: the comparison (every variant, the AR `fast` one included) trains with its step captured in a CUDA
+    graph and evaluates; --eval_only, --figures, --scale=gpu and the HF backbone run; the samplers return tensors on
+    the model's device; a captured step gives the eager step's loss."""
+    cuda = [a for a in TINY_RUN if a != "--device=cpu"] + ["--device=cuda"]
+    a = train_toy.main(cuda + ["--compare", f"--out_dir={tmp_path / 'a'}"])
+    assert "CUDA graph: the training step captured" in capsys.readouterr().out
+    assert all(0 <= r["success"] <= 1 and np.isfinite(r["first_action_mse"]) for r in a["compare"])
+    m = kivla.KIVLA.from_checkpoint(tmp_path / "a" / "ckpt_ki.pt", device="cuda")
+    b = m.make_batch([kivla.PushEnv().reset(seed=0)[0]])
+    assert m.sample_actions(b).device.type == m.predict_actions(b).device.type == "cuda"
+    assert all(t.device.type == "cuda" for t in m.generate_fast_actions(b))
+    train_toy.main(["--eval_only", f"--init_from={tmp_path / 'a' / 'ckpt_fast.pt'}", "--device=cuda", f"--out_dir={tmp_path}"])
+    train_toy.main(cuda + ["--figures", f"--out_dir={tmp_path / 'f'}"])
+    train_toy.main(cuda + ["--scale=gpu", "--batch_size=8", f"--out_dir={tmp_path / 'g'}"])
+    try:
+        import transformers  # noqa: F401
+        train_toy.main(cuda + ["--backbone=hf-tiny", f"--out_dir={tmp_path / 'h'}"])
+    except ImportError:
+        pass
+    # the captured step computes what the eager step computes (fp32, the same batches; `fast` draws no noise)
+    s, cfg = train_toy.parse_args(cuda + ["--amp=false", "--variant=fast"])
+    s.update(rank=0, world=1, device="cuda")
     obs, chunks, _, _ = train_toy.collect_demos(2, cfg.action_horizon, 0.3, 0)
     tok = kivla.FASTTokenizer(4.0, 64).fit(chunks)
     weights = []
-    for local in ("2", "1"):
-        os.environ["LOCAL_WORLD_SIZE"] = local
+    for graph in (False, True):
         torch.manual_seed(0)
-        model = train_toy.build_model(s, cfg, tok)
-        init = {k: v.clone() for k, v in model.state_dict().items()}
+        model = train_toy.build_model(s, cfg, tok).cuda()
         robot, vqa = model.make_batch(obs, chunks), model.make_batch(train_toy.make_vqa_set(8, 0))
-        train_toy.train(model, s, robot, vqa, 4, 0.25, "both ways")
-        weights.append(model.state_dict())
-    if s["rank"] == 0:
-        torch.save([init, *weights], path)
-    torch.distributed.destroy_process_group()
-
-
-def test_the_default_cpu_run_trains_in_one_process_per_core(tmp_path, capfd, monkeypatch):
-    """On CPU `python train_toy.py` trains in 2 processes with half the threads each (data parallel, as under
-    torchrun; gradients averaged through shared memory, bit for bit as DDP over gloo) and shares the evaluation
-    episodes out among them; the result is rank 0's metrics.json. One core,
-    --quick, GPUs, torchrun and the non-training modes stay in one process."""
-    s, _ = train_toy.parse_args([])
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
-    assert train_toy.cpu_processes({**s, "device": "cpu"}) == 2  # 2 by default, a divisor of the batch
-    assert train_toy.cpu_processes({**s, "device": "cpu", "batch_size": 33}) == 1
-    assert train_toy.cpu_processes({**s, "device": "cpu", "procs": 3, "batch_size": 33}) == 3
-    assert train_toy.cpu_processes({**s, "device": "cpu", "procs": 1}) == 1
-    for other in ({"device": "cuda"}, {"bench": True}, {"eval_only": True}, {"quick": True, "procs": 1}):
-        assert train_toy.cpu_processes({**s, "device": "cpu", **other}) == 1
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train_toy.cpu_processes({**s, "device": "cpu"}) == 1
-    monkeypatch.undo()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert train_toy.cpu_processes({**s, "device": "cpu"}) == 1
-    monkeypatch.undo()
-    m = train_toy.main(TINY_RUN + ["--procs=2", "--eval_episodes=3", f"--out_dir={tmp_path}"])
-    out = capfd.readouterr().out
-    assert out.count("data parallel: parameters identical on all 2 ranks") == 2 and out.count("ki    seed 0 | success") == 1
-    # the ranks average their gradients through shared memory: the same numbers as DDP's all-reduce, bit for bit
-    train_toy.start_cpu_processes(_train_both_ways, (tmp_path / "both.pt",), 2)
-    init, shared, ddp = torch.load(tmp_path / "both.pt", weights_only=True)
-    assert all(torch.equal(shared[k], ddp[k]) for k in shared)
-    assert not all(torch.equal(shared[k], init[k]) for k in shared)  # and they did train
-    for k in ("success", "heldout_success", "unseen_color_success", "unseen_wording_success"):  # 3 episodes, 2 + 1
-        assert m[k] * 3 == pytest.approx(round(m[k] * 3))
-    assert m == json.loads((tmp_path / "metrics.json").read_text()) and (tmp_path / "rollouts.gif").stat().st_size > 0
-    with pytest.raises(SystemExit, match="multiple of the 3 processes"):
-        train_toy.main(TINY_RUN + ["--procs=3", f"--out_dir={tmp_path / 'x'}"])
+        train_toy.train(model, {**s, "cuda_graph": graph}, robot, vqa, 8, 0.25, "graph" if graph else "eager")
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-4), (weights[0] - weights[1]).abs().max()

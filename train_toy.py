@@ -1,5 +1,5 @@
 """
-train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
+train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU or one GPU.
 
   1. demonstrations from the scripted expert (noisy execution, clean labels)
   2. fit the FAST tokenizer on the demo action chunks
@@ -8,14 +8,15 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU.
   5. closed-loop evaluation: in-distribution, held-out combinations, unseen colour, unseen wording; VQA retention
   6. outputs in --out_dir: ckpt.pt, pretrained.pt, metrics.json, curves.png, rollouts.gif
 
-  python train_toy.py                                  # default run (see README for time and numbers); on a CPU
-                                                       # it trains in 2 processes of half the threads (data parallel)
+  python train_toy.py                                  # default run (see README for time and numbers)
   python train_toy.py --seeds=3                        # 3 robot-training seeds from one pretraining: mean ± std
   python train_toy.py --quick                          # the whole pipeline in about a minute
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
   python train_toy.py --compare --seeds=3 --init_from=out/pretrained.pt   # every variant + no-VQA ablations: compare.md
+  python train_toy.py --compare --variants=ki,joint --out_dir=out_a         # a subset of the rows, merged later with
+  python train_toy.py --merge=out_a,out_b --out_dir=out_all                 # --merge: one compare.md from several runs
   python train_toy.py --eval_only --init_from=out/ckpt.pt --instruction="push the blue block to the top right corner"
-  python train_toy.py --bench [--init_from=out/ckpt.pt]          # training steps/s vs matmul, FAST, env, flow vs AR
+  python train_toy.py --bench                                    # training steps/s vs matmul, FAST, env, flow vs AR
   python train_toy.py --figures                                  # attention.png and fast_tokens.png
   python train_toy.py --backbone=hf-tiny --quick                 # a tiny random HuggingFace PaliGemma as the VLM
   torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # DistributedDataParallel, one process per device
@@ -27,9 +28,7 @@ import io
 import json
 import math
 import os
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, fields
 
@@ -46,17 +45,19 @@ SETTINGS = dict(
     out_dir="out",          # where checkpoints, metrics and pictures go
     seed=0,
     device="auto",          # auto | cpu | cuda | mps
-    procs=0,                # CPU: data-parallel training processes (0 = 2 where PyTorch uses >= 2 cores; 1 = one process)
     amp=True,               # bf16 autocast on cuda (ignored elsewhere); --amp=false trains in fp32
+    cuda_graph=True,        # cuda, one process: capture the whole training step once as a CUDA graph and replay it
     quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
     compare=False,          # every variant + ki/joint without VQA from one pretraining: compare.md, compare.png
+    variants="",            # --compare: only these rows, comma-separated (e.g. ki,joint); "" = every row
+    merge="",               # comma-separated out_dirs of --compare runs: one compare.md / compare.png in --out_dir
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
     figures=False,          # write attention.png and fast_tokens.png into --out_dir and exit (--bench does too)
     bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
     backbone="toy",         # toy: the from-scratch toy VLM | hf-tiny: a tiny random HuggingFace PaliGemma (transformers)
     scale="cpu",            # cpu: the toy sizes | gpu: sized for one GPU (more image tokens, wider, bigger batch)
-    compile=False,          # torch.compile the training loss (eager, with a message, if compiling the forward fails)
+    compile=False,          # torch.compile the training loss (instead of a CUDA graph)
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     instruction="",         # --eval_only: run this instruction instead of the env's own
     n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
@@ -78,17 +79,16 @@ SETTINGS = dict(
     weight_decay=0.01,
     grad_clip=1.0,
     ema=0.998,              # EMA of the weights, used for evaluation
-    eval_interval=500,      # steps between the curve's quick evaluations (50 episodes; the last point is the final one)
+    eval_interval=500,      # steps between the curve's evaluations (50 episodes, own RNG; the last point is the final one)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
     replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
     gif_episodes=4,
 )
 QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
-             eval_episodes=16, gif_episodes=2, warmup_steps=10, pretrain_min_vqa=0.0,  # one pretraining block
-             procs=1)  # one process: starting more costs more than it saves on a one-minute run
+             eval_episodes=16, gif_episodes=2, warmup_steps=10, pretrain_min_vqa=0.0)  # one pretraining block
 # --scale=gpu: one GPU's worth: 64 image tokens instead of 16, a 4x wider backbone, 4x the batch. --quick still
-# shrinks the schedule. Not torch.compile: on an H200 (torch 2.11) its compiled backward crashed (README).
+# shrinks the schedule.
 SCALE_GPU = dict(batch_size=256, patch_size=8, vit_width=128, vit_layers=4, d_model=256, n_layer=6,
                  n_head=8, head_dim=32, expert_width=128)
 CHOICES = dict(backbone=("toy", "hf-tiny"), scale=("cpu", "gpu"), unseen_color=("", *kivla.COLORS))
@@ -124,8 +124,12 @@ def parse_args(argv):
     s = {**SETTINGS, **{k: v for k, v in given.items() if k in SETTINGS}}
     if s["init_from"] and not os.path.isfile(s["init_from"]):
         raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
-    if s["procs"] < 0:
-        raise SystemExit(f"error: --procs must be >= 0, got {s['procs']}")
+    rows = [r for r in s["variants"].split(",") if r]
+    unknown = [r for r in rows if r not in [name for name, _, _ in COMPARE_ROWS]]
+    if unknown:
+        raise SystemExit(f"error: --variants: unknown rows {unknown}; choose from {', '.join(n for n, _, _ in COMPARE_ROWS)}")
+    if rows and not s["compare"]:
+        raise SystemExit("error: --variants picks rows of --compare: add --compare (or use --variant=NAME for one run)")
     for k in ("seeds", "pretrain_blocks"):
         if s[k] < 1:
             raise SystemExit(f"error: --{k} must be >= 1, got {s[k]}")
@@ -197,17 +201,6 @@ def held_out_sets(quick, H, tasks):
     return d_obs, d_chunks, make_vqa_set(200 if quick else 2000, PROBE_SEED), make_vqa_set(200 if quick else 1000, VQA_EVAL_SEED)
 
 
-def on_ranks(s, *makers):
-    """[maker() for maker in makers], with maker i run on rank i % world only and its result sent to every rank:
-    the data-parallel ranks need the same data, so each makes a share of it instead of all of it."""
-    out = [make() if i % s["world"] == s["rank"] else None for i, make in enumerate(makers)]
-    for i in range(len(makers) if s["world"] > 1 else 0):
-        box = out[i:i + 1]
-        torch.distributed.broadcast_object_list(box, src=i % s["world"])
-        out[i] = box[0]
-    return out
-
-
 def index(batch, idx):
     return {k: v[idx] for k, v in batch.items()}
 
@@ -234,11 +227,14 @@ def vqa_accuracy(model, vqa_batch, bs=500):
 
 
 @torch.inference_mode()  # a little less bookkeeping per op than no_grad: rollouts are many small model calls
-def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0, reword=False):
+def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0, reword=False, seed=0):
     """Closed-loop episodes, all envs in lockstep so each model call is batched. reword: every episode's
-    instruction said with SYNONYMS (the unseen-wording split), fixed per episode by its seed.
+    instruction said with SYNONYMS (the unseen-wording split), fixed per episode by its seed. The flow's noise
+    comes from a generator of its own (seed): evaluating never moves the random stream that training draws from.
     -> success per episode, seconds per action chunk, frames of the first `record` episodes."""
     model.eval()
+    g = torch.Generator().manual_seed(seed)
+    H, A = model.cfg.action_horizon, model.cfg.action_dim
     envs = [kivla.PushEnv(tasks=tasks, render_mode="rgb_array") for _ in seeds]
     record = min(record, len(envs))  # e.g. --gif_episodes above a rank's share of --eval_episodes
     obs = [e.reset(seed=s)[0] for e, s in zip(envs, seeds)]
@@ -254,7 +250,8 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
     while not all(done):
         live = [i for i in range(len(envs)) if not done[i]]
         t0 = time.perf_counter()
-        actions = model.predict_actions(model.make_batch([obs[i] for i in live]), num_steps).cpu().numpy()
+        noise = torch.randn(len(live), H, A, generator=g)
+        actions = model.predict_actions(model.make_batch([obs[i] for i in live]), num_steps, noise).cpu().numpy()
         chunk_time, chunks = chunk_time + time.perf_counter() - t0, chunks + 1
         for j, i in enumerate(live):
             for a in actions[j, :replan]:
@@ -270,54 +267,26 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
     return np.array(success), chunk_time / max(chunks, 1), frames[:record]
 
 
-def shared_rollouts(s, model, tasks, seeds, *args, record=0, **kw):
-    """rollouts() with the episodes shared out over the data-parallel ranks (every rank gets every result; the
-    frames, of the first episodes, only on rank 0). One process: rollouts() itself."""
-    if s["world"] == 1:
-        return rollouts(model, tasks, seeds, *args, record=record, **kw)
-    seeds, n = list(seeds), -(-len(seeds) // s["world"])
-    ok, chunk_s, frames = rollouts(model, tasks, seeds[s["rank"] * n:(s["rank"] + 1) * n], *args,
-                                   record=record if s["rank"] == 0 else 0, **kw)
-    parts = [None] * s["world"]
-    torch.distributed.all_gather_object(parts, (ok, chunk_s))
-    return np.concatenate([p[0] for p in parts]), float(np.mean([p[1] for p in parts])), frames
-
-
 @torch.no_grad()
-def diagnostics(model, diag, num_steps, s=None):
+def diagnostics(model, diag, num_steps, seed=0):
     """Two cheap measures on held-out demo states (clean expert labels), to steer training by:
     teacher-forced FAST token accuracy (what the backbone learned about actions; NaN for pi0) and the
-    policy's first-action mean squared error (what the robot will do next; 0.47 for always predicting 0).
-    Data parallel (s): every rank scores its share of the states, and rank 0 draws the flow noise for all of
-    them, as one process would: which random numbers training draws next does not depend on the ranks' share."""
-    rank, world = (s["rank"], s["world"]) if s else (0, 1)
+    policy's first-action mean squared error (what the robot will do next; 0.47 for always predicting 0),
+    and the share of greedy AR FAST decodes that needed fixing (wrong length, stray ids, no "|"): the `fast`
+    policy's own failure mode; ki and joint train the same head, so it is measured for them too."""
     model.eval()
-    N, H, A = len(diag["text"]), model.cfg.action_horizon, model.cfg.action_dim
-    mine = slice(rank * -(-N // world), (rank + 1) * -(-N // world))
-    noise = None
-    if model.cfg.variant != "fast":  # flow sampling draws (N, H, A) noise
-        noise = torch.randn(N, H, A, device=model.device) if rank == 0 else torch.empty(N, H, A, device=model.device)
-        if world > 1:
-            torch.distributed.broadcast(noise, 0)
-        noise = noise[mine]
-    b = {k: v[mine].to(model.device) for k, v in diag.items()}
-    # sums over this rank's states: right FAST tokens, FAST tokens, squared first-action error, its numbers,
-    # malformed AR FAST decodes, states
-    sums = torch.zeros(6, dtype=torch.float64, device=model.device)
+    b = {k: v.to(model.device) for k, v in diag.items()}
+    N, H, A = len(b["text"]), model.cfg.action_horizon, model.cfg.action_dim
+    out = {"fast_token_acc": float("nan"), "malformed_fast": float("nan")}
     if model.cfg.use_fast:
         h, _, _ = model.forward_vlm(b)
         m = b["suffix_loss"]
-        sums[0], sums[1] = (model.backbone.lm_head(h[m]).argmax(-1) == b["suffix_target"][m]).sum(), m.sum()
-        # greedy AR FAST decodes that needed fixing (wrong length, stray ids, no "|"): the `fast` policy's own
-        # failure mode; ki and joint train the same head, so it is measured for them too
-        sums[4] = (~model.generate_fast_actions(b)[1]).sum()
-    first = model.predict_actions(b, num_steps, noise)[:, 0]  # (n, A)
-    sums[2], sums[3], sums[5] = ((first - b["actions"][:, 0]) ** 2).sum(), first.numel(), len(first)
-    if world > 1:
-        torch.distributed.all_reduce(sums)
-    fast = model.cfg.use_fast
-    return {"fast_token_acc": (sums[0] / sums[1]).item() if fast else float("nan"),
-            "first_action_mse": (sums[2] / sums[3]).item(), "malformed_fast": (sums[4] / sums[5]).item() if fast else float("nan")}
+        out["fast_token_acc"] = (model.backbone.lm_head(h[m]).argmax(-1) == b["suffix_target"][m]).float().mean().item()
+        out["malformed_fast"] = (~model.generate_fast_actions(b)[1]).float().mean().item()
+    noise = torch.randn(N, H, A, generator=torch.Generator().manual_seed(seed))  # its own stream, as rollouts
+    first = model.predict_actions(b, num_steps, noise)[:, 0]  # (N, A)
+    out["first_action_mse"] = ((first - b["actions"][:, 0]) ** 2).mean().item()
+    return out
 
 
 def probe_labels(vqa_obs):
@@ -398,19 +367,53 @@ def expert_success(seeds, tasks="train"):
 
 
 def _median_time(fn, reps=15):
+    """Median seconds of fn(), waiting for the GPU to finish each call (its kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
 
 
 def latency(model, obs, num_steps, reps=20):
-    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding)."""
+    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding; on CUDA, flow
+    sampling replayed as a CUDA graph)."""
     b = model.make_batch([obs])
-    return _median_time(lambda: model.predict_actions(b, num_steps), reps=reps)
+    if model.cfg.variant == "fast":
+        return _median_time(lambda: model.predict_actions(b, num_steps), reps=reps)
+    sample = graphed_sampler(model, b, num_steps)
+    return _median_time(lambda: sample(b), reps=reps)
+
+
+def graphed_sampler(model, batch, num_steps=10):
+    """-> sample(batch, noise=None): model.sample_actions for batches of this one shape. Speed trick for CUDA: the
+    prefix pass and the Euler steps are captured once as a CUDA graph and replayed with one launch (at batch 1 a
+    chunk is ~300 tiny kernels: launching them from Python is most of its time). Elsewhere the plain call."""
+    if model.device.type != "cuda":
+        return lambda b, noise=None: model.sample_actions(b, num_steps, noise)
+    static = {k: v.to(model.device).clone() for k, v in batch.items()}
+    noise = torch.randn(len(static["text"]), model.cfg.action_horizon, model.cfg.action_dim, device=model.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs a few eager calls first, on a side stream
+        for _ in range(2):
+            model.sample_actions(static, num_steps, noise)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model.sample_actions(static, num_steps, noise)
+
+    def sample(b, new_noise=None):
+        for k, v in b.items():
+            static[k].copy_(v)
+        noise.copy_(torch.randn_like(noise) if new_noise is None else new_noise)
+        graph.replay()
+        return out.clone()
+    return sample
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,73 +587,6 @@ def lr_at(step, s):
     return s["lr"] * (s["min_lr_frac"] + (1 - s["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def loss_fn(model, s, all_used):
-    """-> the training loss to call and the gradient averaging to run after backward. One process: the model itself.
-    Several: their gradients averaged, through shared memory where all ranks share one machine's CPU (the default
-    run; shared_memory_averager), else by DistributedDataParallel (GPUs, or torchrun over machines: the average
-    happens inside backward). And torch.compile around it with --compile (eager if that fails)."""
-    net, average = model, lambda: None
-    if s["world"] > 1 and s["device"] == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", s["world"])) == s["world"]:
-        average = shared_memory_averager(model, s)
-    elif s["world"] > 1:  # the expert gets no gradient in VLM pretraining (no robot rows) or in `fast`
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not all_used)
-    if not s["compile"]:
-        return net, average
-    compiled = torch.compile(net)
-
-    def call(batch):
-        nonlocal compiled
-        if compiled is not net:
-            try:
-                return compiled(batch)
-            except Exception as e:  # e.g. no C++ compiler on this machine
-                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
-                compiled = net
-        return net(batch)
-    return call, average
-
-
-def shared_memory_averager(model, s):
-    """Data parallel on one machine's CPU cores: after backward, every rank writes its gradients into its row of a
-    shared-memory buffer, waits for the others (one barrier), and averages the rows itself. What DDP computes
-    ((g0 + g1) / 2 for two ranks: the same numbers), without DDP's gloo all-reduce, which sends the 3 MB of
-    gradients through loopback TCP: ~7% of a step on 2 cores (README "Speed"). Two buffers, used in turn, so a
-    fast rank's next gradients never overwrite ones a slow rank is still reading. -> average(), to call after
-    backward."""
-    dist, rank, world = torch.distributed, s["rank"], s["world"]
-    for p in model.parameters():  # every rank starts from rank 0's weights (as DDP does)
-        dist.broadcast(p.data, 0)
-    n, path = sum(p.numel() for p in model.parameters()), [None]
-    if rank == 0:
-        fd, path[0] = tempfile.mkstemp(prefix="kivla_grads_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.close(fd)
-    dist.broadcast_object_list(path, src=0)
-    buffers = torch.from_file(path[0], shared=True, size=2 * world * (n + 1)).view(2, world, n + 1)  # (2, world, N + 1)
-    dist.barrier()  # every rank has it mapped: the name can go (the memory stays until the last rank exits)
-    if rank == 0:
-        os.remove(path[0])
-    step = 0
-
-    def average():
-        nonlocal step
-        params = [p for p in model.parameters() if p.grad is not None]  # the same on every rank (same row mix)
-        sizes = [p.numel() for p in params]
-        rows, m, step = buffers[step % 2], sum(sizes), step + 1  # (world, N + 1)
-        torch.cat([p.grad.flatten() for p in params], out=rows[rank, :m])
-        rows[rank, -1] = len(params)  # the last column: how many parameters have a gradient
-        dist.barrier()  # every rank's gradients are in
-        if (rows[:, -1] != len(params)).any():
-            raise RuntimeError("data parallel: the ranks have gradients for different parameters; average them with "
-                               "DDP instead (LOCAL_WORLD_SIZE=1)")
-        avg = rows[0, :m].clone()  # (m,): summed in rank order, then divided, as the all-reduce does
-        for r in range(1, world):
-            avg += rows[r, :m]
-        avg /= world
-        for p, g in zip(params, avg.split(sizes)):
-            p.grad = g.view_as(p)
-    return average
-
-
 def check_ranks_in_sync(model, s):
     """Averaged gradients keep every rank's parameters identical; check it bit for bit at the end of training."""
     flat = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
@@ -662,53 +598,115 @@ def check_ranks_in_sync(model, s):
         print(f"data parallel: parameters identical on all {s['world']} ranks")
 
 
+def trim_suffix(*datasets):
+    """Drop the suffix columns that no row of any of these datasets uses (None = no dataset). make_batch pads the
+    suffix to the worst case, one FAST token per coefficient (21 tokens); the toy's chunks need at most ~12, so
+    the backbone's sequence gets ~15% shorter, and every batch drawn from the datasets still has one shape."""
+    used = max(int((d["suffix_loss"].any(0) * torch.arange(1, d["suffix_loss"].shape[1] + 1)).max())
+               for d in datasets if d is not None)  # the last used column + 1 (0 if none)
+    cut = ("suffix", "suffix_target", "suffix_loss")
+    return [None if d is None else {k: v[:, :used] if k in cut else v for k, v in d.items()} for d in datasets]
+
+
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
-    """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: batches (dicts of tensors) to sample from.
+    """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: datasets (dicts of tensors) to sample batches from.
     Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (used for evaluation)."""
-    # each rank its own batch rows; the flow noise comes from the global RNG, seeded alike on every rank (a known
-    # quirk: the ranks share it until the first curve evaluation; README "This session's candidates")
-    dev, g = model.device, torch.Generator().manual_seed(s["seed"] + 1_000_003 * s["rank"])
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s["lr"], betas=(0.9, 0.95),
-                            fused=dev.type in ("cpu", "cuda"))  # one kernel per tensor: 8x less optimizer time on CPU
+    dev = model.device
+    robot, vqa = trim_suffix(robot, vqa)
+    robot = {k: v.to(dev) for k, v in robot.items()} if robot is not None else None  # batches are drawn on the device
+    vqa = {k: v.to(dev) for k, v in vqa.items()}
+    g = torch.Generator(dev).manual_seed(s["seed"] + 1_000_003 * s["rank"])  # each rank its own batch rows
     bs = s["batch_size"] // s["world"]
     n_vqa = round(bs * vqa_frac) if robot is not None else bs
     n_rob = bs - n_vqa
-    net, average_grads = loss_fn(model, s, n_rob > 0 and model.cfg.use_flow)  # these first copy rank 0's weights
-    ema = copy.deepcopy(model).eval()  # to every rank, so the EMA copy comes after them
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"])
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=s["rank"] > 0)
-    for step in bar:
-        parts = [index(robot, torch.randint(len(robot["text"]), (n_rob,), generator=g))] if n_rob else []
-        parts += [index(vqa, torch.randint(len(vqa["text"]), (n_vqa,), generator=g))] if n_vqa else []
-        batch = {k: v.to(dev, non_blocking=True) for k, v in cat(*parts).items()}
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, {**s, "total": steps})
-        model.train()
+    net = model
+    if s["world"] > 1:  # DDP averages the gradients inside backward (and first copies rank 0's weights to all)
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not model.cfg.use_flow)
+    elif s["compile"]:
+        net = torch.compile(model)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    # the learning rate and the EMA's weight are tensors: a captured CUDA graph reads their current values
+    lr, ema_w = torch.tensor(s["lr"], device=dev), torch.zeros((), device=dev)
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": s["weight_decay"]},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr,
+                            betas=(0.9, 0.95), fused=dev.type in ("cpu", "cuda"), capturable=dev.type == "cuda")
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"], cache_enabled=False)
+
+    def step_fn(batch):  # forward, backward, clipping, AdamW, EMA: one training step, no host syncs
         with torch.autocast(**amp):
             loss, m = net(batch)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_grads()  # over the data-parallel ranks (a no-op in one process, and under DDP: done in backward)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
         opt.step()
         with torch.no_grad():
-            d = min(s["ema"], (1 + step) / (10 + step))  # short warm-up of the EMA itself
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-        if step % 10 == 0:
+            torch._foreach_lerp_(ema_params, params, ema_w)
+        return m
+
+    graphed = dev.type == "cuda" and s["cuda_graph"] and s["world"] == 1 and not s["compile"]
+    run_step = cuda_graphed(step_fn, opt) if graphed else None
+    model.train()
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=s["rank"] > 0)
+    for step in bar:
+        parts = [index(robot, torch.randint(len(robot["text"]), (n_rob,), generator=g, device=dev))] if n_rob else []
+        parts += [index(vqa, torch.randint(len(vqa["text"]), (n_vqa,), generator=g, device=dev))] if n_vqa else []
+        batch = cat(*parts)
+        lr.fill_(lr_at(step, {**s, "total": steps}))
+        ema_w.fill_(1 - min(s["ema"], (1 + step) / (10 + step)))  # a short warm-up of the EMA itself
+        if run_step is not None:
+            m = run_step(batch)
+        else:
+            opt.zero_grad(set_to_none=True)
+            m = step_fn(batch)
+        if step % 10 == 0:  # reading a number back waits for the device: every 10 steps only
+            m = {k: v.item() for k, v in m.items()}
             bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
             if history is not None:
                 history["train"].append({"step": step, **m})
         if curve is not None and (step + 1) % s["eval_interval"] == 0 and step + 1 < steps:  # the last point: the final evaluation
-            e = curve(ema, step + 1)  # on every rank: they share the episodes
-            if s["rank"] == 0:
-                tqdm.write(f"step {step + 1:6d} | ce {m['ce_loss']:.3f} | flow {m['flow_loss']:.3f} | success {e['success']:.2f} "
-                           f"| FAST acc {e['fast_token_acc']:.2f} | 1st-action err {e['first_action_mse']:.3f}")
+            e = curve(ema, step + 1)
+            tqdm.write(f"step {step + 1:6d} | success {e['success']:.2f} | FAST acc {e['fast_token_acc']:.2f} "
+                       f"| 1st-action err {e['first_action_mse']:.3f}")
     if s["world"] > 1:
         check_ranks_in_sync(model, s)
     return ema
+
+
+def cuda_graphed(step_fn, opt, warmup=3):
+    """Speed trick for CUDA: a training step of the toy is ~1,700 small kernels, each launched from Python, so the
+    GPU would sit idle most of the step. This captures step_fn once as a CUDA graph and replays it: one launch per
+    step. -> run(batch), which runs step_fn(batch) and returns its outputs. The first `warmup` calls run eagerly on a
+    side stream, as capture requires (they are real training steps); the next captures, then every call copies its
+    batch into the graph's input tensors and replays. If capture fails, it says so and stays eager."""
+    static, out, graph, calls, side = {}, None, None, 0, torch.cuda.Stream()
+
+    def run(batch):
+        nonlocal out, graph, calls
+        calls += 1
+        if calls <= warmup or graph is False:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                opt.zero_grad(set_to_none=True)
+                out = step_fn(batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if graph is None:
+            t0, graph = time.perf_counter(), torch.cuda.CUDAGraph()
+            static.update({k: v.clone() for k, v in batch.items()})
+            opt.zero_grad(set_to_none=True)  # the graph allocates the gradients itself, in its own memory pool
+            try:
+                with torch.cuda.graph(graph):
+                    out = step_fn(static)
+            except Exception as e:  # e.g. an op that reads a value back to Python inside the step
+                graph = False
+                tqdm.write(f"warning: CUDA graph capture failed ({type(e).__name__}: {str(e)[:300]}); training eagerly")
+                return run(batch)
+            tqdm.write(f"CUDA graph: the training step captured in {time.perf_counter() - t0:.2f} s")
+        for k, v in batch.items():
+            static[k].copy_(v)
+        graph.replay()
+        return out
+    return run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -777,31 +775,26 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     history = {"train": [], "eval": []}
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
 
-    def curve(ema, step):
-        # Known quirk (README "This session's candidates"): this reseeds the global RNG that training's flow noise
-        # and times also draw from, so --eval_interval changes the trained weights. Kept: the fix missed the bar.
-        torch.manual_seed(seed)
-        ok, _, _ = shared_rollouts(s, ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"])
-        history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"], s)})
+    def curve(ema, step):  # the flow noise of its rollouts comes from its own generator: training never notices
+        ok, _, _ = rollouts(ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"],
+                            seed=CURVE_SEED)
+        history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
         return history["eval"][-1]
 
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
-                f"train {cfg.variant} seed {seed}", curve, history)
+                f"train {cfg.variant} seed {seed}", curve if s["rank"] == 0 else None, history)
     train_time = time.time() - t_start
-    torch.manual_seed(seed)
-    seeds, n_gif, go = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["gif_episodes"], (s, ema)
-    rl = (s["replan"], s["num_steps"])  # the same seeds on every split, shared out over the ranks
-    ok_in, chunk_s, episodes = shared_rollouts(*go, splits["train"], seeds, *rl, record=n_gif)
-    ok_out, _, more = shared_rollouts(*go, splits["heldout"], seeds, *rl, record=n_gif)
-    ok_color, _, colored = shared_rollouts(*go, splits["unseen_color"], seeds, *rl, record=n_gif // 2) \
-        if splits["unseen_color"] else (np.array([np.nan]), 0, [])
-    ok_words, _, worded = shared_rollouts(*go, splits["train"], seeds, *rl, record=n_gif // 2, reword=True)
-    # the curve's last point is the final evaluation (its 200 episodes, not another 50 on the curve's seeds)
-    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()), **diagnostics(ema, diag, s["num_steps"], s)})
-    if s["rank"] > 0:  # the rest of the evaluation and the outputs: rank 0 only
+    if s["rank"] > 0:  # evaluation and outputs: rank 0 only
         return None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads * s["world"] if s["device"] == "cpu" else threads)  # the other ranks wait
+    seeds, n_gif = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["gif_episodes"]
+    run = lambda tasks, record, reword=False: rollouts(ema, tasks, seeds, s["replan"], s["num_steps"],  # noqa: E731
+                                                       record=record, reword=reword, seed=EVAL_SEED)
+    ok_in, chunk_s, episodes = run(splits["train"], n_gif)  # the same seeds on every split
+    ok_out, _, more = run(splits["heldout"], n_gif)
+    ok_color, _, colored = run(splits["unseen_color"], n_gif // 2) if splits["unseen_color"] else (np.array([np.nan]), 0, [])
+    ok_words, _, worded = run(splits["train"], n_gif // 2, reword=True)
+    # the curve's last point is the final evaluation (its 200 episodes, not another 50 on the curve's seeds)
+    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()), **diagnostics(ema, diag, s["num_steps"])})
     metrics = {
         "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
         "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
@@ -810,19 +803,18 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         **{k: v for k, v in history["eval"][-1].items() if k not in ("step", "success")},
         "vqa_acc_before": vqa_before, "vqa_acc_after": vqa_accuracy(ema, data["vqa_eval"]),
         "probe_acc_before": data["probe_before"], "probe_acc_after": probe_accuracy(ema, data["probe"], data["probe_iters"]),
-        "steps_to_50pct": steps_to(history, 0.5), "curve": [(r["step"], r["success"]) for r in history["eval"]],
+        "steps_to_50pct": steps_to(history, 0.5), "steps_to_80pct": steps_to(history, 0.8),
+        "curve": [(r["step"], r["success"]) for r in history["eval"]],
+        "latency_ms_per_chunk_b1": 1000 * latency(ema, _sample_obs(), s["num_steps"], 20 if not s["quick"] else 3),
+        "batched_eval_ms_per_chunk": 1000 * chunk_s, "train_time_s": train_time,
+        "run_time_s": time.time() - t_start, "device": s["device"], "train_steps": s["train_steps"],
     }
-    ema.cpu()
-    metrics.update(latency_ms_per_chunk_b1=1000 * latency(ema, _sample_obs(), s["num_steps"], 20 if not s["quick"] else 3),
-                   batched_eval_ms_per_chunk=1000 * chunk_s, train_time_s=train_time,
-                   run_time_s=time.time() - t_start, device=s["device"], train_steps=s["train_steps"])
     out = s["out_dir"]
-    ema.save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"}, metrics=metrics)
+    ema.cpu().save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"}, metrics=metrics)
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
     with open(os.path.join(out, f"history{tag}.json"), "w") as f:
         json.dump(history, f)
     write_gif(episodes + more + colored + worded, os.path.join(out, f"rollouts{tag}.gif"))
-    torch.set_num_threads(threads)
     return metrics
 
 
@@ -831,20 +823,18 @@ def _sample_obs():
 
 
 def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
-    """Toy VLM pretraining: VQA only, ViT + backbone (the expert gets no gradient: no action rows).
-    In blocks of pretrain_steps, each with its own warm-up and cosine. A VLM whose held-out VQA accuracy is
-    still under pretrain_min_vqa has not left the grounding plateau (it cannot yet tell where the block a
-    word names is), and robot training on it fails or crawls, even if more pretraining lifts its VQA later
-    (README "More VLMs"). So it is dropped, and the next block starts again from a fresh random init (seed +
-    1000 * block) on new batches: a restart, up to pretrain_blocks in all. Every VLM that left the plateau
-    within its first block learned robot actions well; a restart is another such draw. Since QK-norm (kivla.Block)
-    no VLM has needed one: it stays as a guard."""
+    """Toy VLM pretraining: VQA only, ViT + backbone (cross-entropy only: there are no actions, so the variant
+    "fast" and no action expert work). In blocks of pretrain_steps, each with its own warm-up and cosine.
+    A VLM whose held-out VQA accuracy is still under pretrain_min_vqa has not left the grounding plateau (it
+    cannot yet tell where the block a word names is), and robot training on such a VLM fails or crawls, even if
+    more pretraining lifts its VQA later. So it is dropped, and the next block starts again from a fresh random
+    init (seed + 1000 * block) on new batches: a restart, up to pretrain_blocks in all; the best VLM is kept."""
     for block in range(s["pretrain_blocks"]):
-        torch.manual_seed(s["seed"] + 1000 * block)  # block 0: the run's own seed, as always
-        model = build_model(s, kivla.Config(**{**asdict(cfg), "variant": "ki"}), tok).to(s["device"])
+        torch.manual_seed(s["seed"] + 1000 * block)
+        model = build_model(s, kivla.Config(**{**asdict(cfg), "variant": "fast"}), tok).to(s["device"])
         desc = "VLM pretraining (VQA)" + (f", restart {block}" if block else "")
         ema = train(model, {**s, "lr": s["pretrain_lr"], "seed": s["seed"] + block}, None, vqa, s["pretrain_steps"], 1.0, desc)
-        acc = vqa_accuracy(ema, vqa_eval)  # on every rank (the same weights): they must agree on going on
+        acc = vqa_accuracy(ema, vqa_eval)  # on every rank (the same weights): they agree on going on
         if block == 0 or acc > best[1]:
             best = ema, acc
         if acc >= s["pretrain_min_vqa"]:
@@ -880,30 +870,68 @@ def eval_only(s):
     return {"success": float(ok.mean())}
 
 
-def train_speed(s, cfg, tok, obs, chunks, n_procs=1, steps=40):
-    """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA), in n_procs
-    data-parallel CPU processes as the default run trains (start_cpu_processes)."""
-    if n_procs > 1:
-        speed = torch.multiprocessing.get_context("spawn").SimpleQueue()
-        start_cpu_processes(_speed_process, (s, cfg, tok, obs, chunks, steps, speed), n_procs)
-        return speed.get()
+def steady_time(run, n):
+    """Seconds per step of run(steps) once warmed up: (time of 2n steps - time of n steps) / n, so that what every
+    call pays once (a CUDA graph's capture, the first steps' allocations) cancels out."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for steps in (n, 2 * n):
+        sync()
+        t0 = time.perf_counter()
+        run(steps)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return (times[1] - times[0]) / n
+
+
+def train_speed(s, cfg, tok, obs, chunks, steps=40, batch_size=None):
+    """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA), as the default
+    run trains (on CUDA: the captured step)."""
+    s = {**s, "batch_size": batch_size or s["batch_size"]}
     torch.manual_seed(s["seed"])
     model = build_model(s, cfg, tok).to(s["device"])
     robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
-    train(model, s, robot, vqa, 5, s["vqa_frac"], "bench warm-up")
-    t0 = time.perf_counter()
-    train(model, s, robot, vqa, steps, s["vqa_frac"], "bench train")
-    return steps / (time.perf_counter() - t0)
+    return 1 / steady_time(lambda n: train(model, s, robot, vqa, n, s["vqa_frac"], "bench train"), steps)
 
 
-def _speed_process(s, cfg, tok, obs, chunks, steps, speed):
-    s = {**s}
-    s["rank"], s["world"] = setup_distributed(s)
-    deterministic(s)  # as the default run trains
-    sps = train_speed(s, cfg, tok, obs, chunks, 1, steps)
-    if s["rank"] == 0:
-        speed.put(sps)
-    torch.distributed.destroy_process_group()
+def bench_gpu_step(s, cfg, tok, obs, chunks, n=50):
+    """On CUDA: kernels per training step and the share of the step's wall time that the GPU is busy
+    (torch.profiler over 2n minus n steps), eager and captured; then samples/s at batch 64 and at the largest
+    batch (doubling) whose step takes under 2x the batch-64 step."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(s["seed"])
+    model = build_model(s, cfg, tok).to(s["device"])
+    robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
+    for graph in (False, True):
+        counts = []
+        for steps in (n, 2 * n):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                train(model, {**s, "cuda_graph": graph}, robot, vqa, steps, s["vqa_frac"], "bench profile")
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
+            counts.append((len(kernels), busy / 1e6, wall))
+        (k1, b1, w1), (k2, b2, w2) = counts
+        print(f"train step ({'CUDA graph' if graph else 'eager'}): {(k2 - k1) / n:.0f} CUDA kernels per step, GPU busy "
+              f"{1000 * (b2 - b1) / n:.2f} ms of {1000 * (w2 - w1) / n:.2f} ms ({100 * (b2 - b1) / max(w2 - w1, 1e-9):.0f}%), "
+              f"batch {s['batch_size']} (under the profiler)")
+    t64, bs, best = None, s["batch_size"], None
+    while bs <= 65536:
+        try:
+            t = 1 / train_speed(s, cfg, tok, obs, chunks, 20, bs)
+        except torch.OutOfMemoryError:
+            break
+        t64 = t64 or t
+        if t > 2 * t64:
+            break
+        best = (bs, t)
+        print(f"batch {bs:5d}: {1000 * t:6.2f} ms/step, {bs / t:9.0f} samples/s")
+        bs *= 2
+    print(f"largest batch under 2x the batch-{s['batch_size']} step: {best[0]} ({best[0] / best[1]:.0f} samples/s, "
+          f"{best[0] / best[1] * t64 / s['batch_size']:.1f}x batch {s['batch_size']}'s)")
 
 
 def matmul_gflops(device, n=1024):
@@ -925,12 +953,13 @@ def bench(s, cfg):
         return {}
     # training speed in the default job's conditions, next to a plain matmul on the same machine: the
     # steps/s vary 2-4x between machines of one kind; steps/s per matmul GFLOP/s should vary far less
-    n_procs = cpu_processes({**s, "bench": False})  # as the default run trains: in this many processes
-    sps, gflops = train_speed(s, cfg, tok, obs, chunks, n_procs), matmul_gflops(s["device"])
-    layout = f"{n_procs} processes x 1 thread" if n_procs > 1 else f"{torch.get_num_threads()} threads"
+    sps, gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
+    layout = "CUDA graph" if s["device"] == "cuda" and s["cuda_graph"] else f"{torch.get_num_threads()} threads"
     print(f"train: {sps:.2f} steps/s ({cfg.variant}, batch {s['batch_size']}, {s['device']}, {layout}) | "
-          f"matmul 1024^3 fp32 {gflops:.0f} GFLOP/s ({torch.get_num_threads()} threads) | {1000 * sps / gflops:.1f} "
+          f"matmul 1024^3 fp32 {gflops:.0f} GFLOP/s | {1000 * sps / gflops:.1f} "
           f"steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
+    if s["device"] == "cuda":
+        bench_gpu_step(s, cfg, tok, obs, chunks)
     n_fast = np.mean([len(tok.encode(c)) for c in chunks])
     print(f"FAST: {n_fast:.2f} tokens/chunk vs {cfg.action_horizon * cfg.action_dim} with per-dimension 256-bin "
           f"tokens ({len(chunks)} expert chunks, H={cfg.action_horizon}); fit on 10k chunks {fit_s:.2f} s")
@@ -954,6 +983,10 @@ def bench(s, cfg):
     for bs in (1, 32):
         b = model.make_batch([obs[i % len(obs)] for i in range(bs)])
         t_flow = _median_time(lambda: model.sample_actions(b, num_steps=10))
+        if s["device"] == "cuda":  # the prefix pass and the 10 Euler steps as one CUDA graph
+            eager, sample = t_flow, graphed_sampler(model, b, 10)
+            t_flow = _median_time(lambda: sample(b))
+            print(f"batch {bs:2d}: flow (10 Euler steps) eager {1000 * eager:.2f} ms, CUDA graph {1000 * t_flow:.2f} ms")
         # the toy's own FAST length, then the lengths of real 1 s chunks of many-DoF robots (FAST: 30-60+)
         for n in (n_tok, 30, 60):
             t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=n, stop_at_eos=False))
@@ -983,11 +1016,12 @@ def bench_paper_proportions(s, H=50, A=14, expert_width=80):
     cfg = kivla.Config(action_horizon=H, action_dim=A, state_dim=A, d_model=256, n_layer=6, n_head=8, head_dim=32,
                        vit_width=128, expert_width=expert_width)
     torch.manual_seed(0)
-    model = kivla.KIVLA(cfg, tok).eval()
+    model = kivla.KIVLA(cfg, tok).to(s["device"]).eval()
     p = model.num_params()
     obs = dict(_sample_obs(), state=np.full(A, 0.5))
     b = model.make_batch([obs])
-    t_flow = _median_time(lambda: model.sample_actions(b, num_steps=10))
+    sample = graphed_sampler(model, b, 10)
+    t_flow = _median_time(lambda: sample(b))
     t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=round(n_tok) + 1, stop_at_eos=False))
     print(f"paper proportions (random weights, batch 1): backbone {p['backbone (VLM)'] / 1e6:.1f}M vs expert "
           f"{p['action_expert'] / 1e6:.2f}M params ({p['backbone (VLM)'] / p['action_expert']:.1f}x), H={H} A={A}, "
@@ -997,13 +1031,14 @@ def bench_paper_proportions(s, H=50, A=14, expert_width=80):
 
 
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success", "vqa_acc_after",
-          "probe_acc_after", "steps_to_50pct", "fast_token_acc", "first_action_mse", "malformed_fast")
+          "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc", "first_action_mse", "malformed_fast")
 # compare.md: (metric, column header, the paper's claim it measures)
 COMPARE_COLUMNS = [("success", "success in-dist", ""), ("heldout_success", "held-out combos", "generalize"),
                    ("unseen_color_success", "unseen colour", "generalize"), ("unseen_wording_success", "unseen wording", "generalize"),
                    ("vqa_acc_after", "VQA after (before {vqa_acc_before:.2f})", "retention: head"),
                    ("probe_acc_after", "VQA probe after (before {probe_acc_before:.2f})", "retention: features"),
-                   ("steps_to_50pct", "steps to 50%", "train fast"), ("latency_ms_per_chunk_b1", "ms/chunk, batch 1", "run fast"),
+                   ("steps_to_50pct", "steps to 50%", "train fast"), ("steps_to_80pct", "steps to 80%", "train fast"),
+                   ("latency_ms_per_chunk_b1", "ms/chunk, batch 1", "run fast"),
                    ("malformed_fast", "malformed FAST decodes", "")]
 
 
@@ -1028,7 +1063,7 @@ def estimate_compare_time(s, cfg, tok, data, n_runs):
 
 def fmt(vals, key):
     vals = np.array(vals, float)
-    if key == "steps_to_50pct":
+    if key.startswith("steps_to"):
         ok = vals[np.isfinite(vals)]
         if len(ok) == 0:
             return "not reached"
@@ -1042,13 +1077,13 @@ def write_compare(results, s, path_md, path_png):
     """compare.md: one row per variant, mean ± std over seeds; compare.png: success vs step with the spread."""
     r0 = results[0]
     head = [h.format(**r0) for _, h, _ in COMPARE_COLUMNS]
-    lines = [f"Robot training from one pretrained toy VLM, {s['train_steps']} steps, {r0['n_seeds']} seeds "
-             f"({', '.join(map(str, r0['seeds']))}), {s['eval_episodes']} held-out evaluation episodes per split; "
-             "mean ± std over seeds.", "",
-             "| variant | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
-             "| claim | " + " | ".join(c for _, _, c in COMPARE_COLUMNS) + " |"]
+    lines = [f"Robot training from one pretrained toy VLM, {s['train_steps']} steps, {s['eval_episodes']} held-out "
+             "evaluation episodes per split; mean ± std over the training seeds of each row.", "",
+             "| variant | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|",
+             "| claim | | " + " | ".join(c for _, _, c in COMPARE_COLUMNS) + " |"]
     for r in results:
-        lines.append(f"| {r['runs'][0]['row']} | " + " | ".join(fmt([x[k] for x in r["runs"]], k) for k, _, _ in COMPARE_COLUMNS) + " |")
+        lines.append(f"| {r['runs'][0]['row']} | {','.join(map(str, r['seeds']))} | "
+                     + " | ".join(fmt([x[k] for x in r["runs"]], k) for k, _, _ in COMPARE_COLUMNS) + " |")
     with open(path_md, "w") as f:
         f.write("\n".join(lines) + "\n")
     # success vs step: mean line, min..max band over seeds
@@ -1086,6 +1121,37 @@ def write_compare(results, s, path_md, path_png):
 
 
 
+def merge(s):
+    """--merge=DIR,DIR,...: the per-seed metrics of several runs (--compare runs, with any --variants, or single
+    runs) -> one compare.md and compare.png in --out_dir, so a comparison can be built over several sittings or
+    machines. The runs of one row are pooled; the same row and seed twice, or different budgets, is an error."""
+    rows = {}
+    for d in s["merge"].split(","):
+        path = os.path.join(d, "metrics.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --merge: no {path}")
+        with open(path) as f:
+            m = json.load(f)
+        for run in [x for r in (m["compare"] if "compare" in m else [m]) for x in r["runs"]]:
+            runs = rows.setdefault(run["row"], [])
+            if any(x["seed"] == run["seed"] for x in runs):
+                raise SystemExit(f"error: --merge: row {run['row']} seed {run['seed']} is in more than one run")
+            runs.append({**run, "from": d})
+    budgets = {(x["train_steps"], x["eval_episodes"]) for runs in rows.values() for x in runs}
+    if len(budgets) > 1:
+        raise SystemExit(f"error: --merge: the runs differ in (train_steps, eval_episodes): {sorted(budgets)}")
+    order = [name for name, _, _ in COMPARE_ROWS]
+    results = [summarize(rows[k]) for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))]
+    (steps, episodes), = budgets
+    os.makedirs(s["out_dir"], exist_ok=True)
+    write_compare(results, {**s, "train_steps": steps, "eval_episodes": episodes},
+                  os.path.join(s["out_dir"], "compare.md"), os.path.join(s["out_dir"], "compare.png"))
+    with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
+        json.dump({"compare": results}, f, indent=2)
+    print(open(os.path.join(s["out_dir"], "compare.md")).read())
+    return {"compare": results}
+
+
 def summarize(runs):
     """Per-seed metrics -> one dict: the mean of every number, the std of the headline ones, every run."""
     out = {k: v for k, v in runs[0].items() if k != "seed"}  # settings shared by every run stay as they are
@@ -1097,55 +1163,9 @@ def summarize(runs):
     return out
 
 
-def cpu_processes(s):
-    """How many data-parallel processes `python train_toy.py` starts by itself on CPU: 2 where PyTorch uses two
-    or more cores (each gets half the threads and half the batch), else 1. The toy's ops are small, and two
-    threads share one small op badly: two 1-thread processes at batch 32 train about 1.15x the steps/s of one
-    2-thread process at batch 64 (README "Speed"). Not more than 2 by default: each process holds the whole
-    dataset (about 1.2 GB), and only 2 cores were measured. 1 under torchrun (it started them), on a GPU, and
-    in the modes that do not train."""
-    if s["device"] != "cpu" or "WORLD_SIZE" in os.environ or s["eval_only"] or s["bench"] or s["figures"]:
-        return 1
-    if s["procs"] and s["batch_size"] % s["procs"]:
-        raise SystemExit(f"error: --batch_size={s['batch_size']} must be a multiple of the {s['procs']} processes (--procs)")
-    n = s["procs"] or min(2, torch.get_num_threads())
-    while s["batch_size"] % n:
-        n -= 1
-    return n
-
-
-def start_cpu_processes(fn, args, n):
-    """fn(*args) in n processes that meet as a data-parallel group over gloo (as under torchrun --nproc_per_node=n; fn
-    calls setup_distributed), 1/n of this process's threads each."""
-    with socket.socket() as sock:  # a free port for the ranks to meet on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
-    try:
-        torch.multiprocessing.spawn(_rank_process, (max(1, torch.get_num_threads() // n), fn, args), nprocs=n)
-    except torch.multiprocessing.ProcessRaisedException as e:
-        raise SystemExit(f"error: a training process failed:\n{e}") from None
-    except torch.multiprocessing.ProcessExitedException:  # it has printed its "error: ..." already
-        raise SystemExit(1) from None
-    finally:
-        for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
-            del os.environ[k]
-
-
-def _rank_process(rank, threads, fn, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))  # what torchrun would set for this rank
-    torch.set_num_threads(threads)
-    fn(*args)
-
-
 def main(argv):
     s, cfg = parse_args(argv)
     s["device"] = pick_device(s["device"])
-    n = cpu_processes(s)
-    if n > 1:  # the default on CPU: data parallel over the cores; rank 0 writes metrics.json
-        start_cpu_processes(main, (argv,), n)
-        with open(os.path.join(s["out_dir"], "metrics.json")) as f:
-            return json.load(f)
     s["rank"], s["world"] = setup_distributed(s)
     if s["rank"] > 0:  # under torchrun only rank 0 prints (and writes outputs; see run_variant)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -1166,16 +1186,17 @@ def run(s, cfg):
     deterministic(s)
     if s["eval_only"]:
         return eval_only(s)
+    if s["merge"]:
+        return merge(s)
     if s["bench"] or s["figures"]:
         return bench(s, cfg)
     t_start = time.time()
     os.makedirs(s["out_dir"], exist_ok=True)
-    # 1) demonstrations, the VQA pool and the held-out sets (data parallel: made on different ranks, then shared)
+    # 1) demonstrations, the VQA pool and the held-out sets (under torchrun every rank makes the same)
     train_tasks = kivla.task_splits(s["unseen_color"])["train"]
-    (obs, chunks, tasks, expert_rate), vqa_pool, (d_obs, d_chunks, vqa_probe, vqa_eval) = on_ranks(
-        s, lambda: collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks),
-        lambda: make_vqa_set(s["n_vqa"], s["seed"]),  # two processes: 10 s on each, instead of 20 s on both
-        lambda: held_out_sets(s["quick"], cfg.action_horizon, train_tasks))
+    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks)
+    vqa_pool = make_vqa_set(s["n_vqa"], s["seed"])
+    d_obs, d_chunks, vqa_probe, vqa_eval = held_out_sets(s["quick"], cfg.action_horizon, train_tasks)
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
     # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
@@ -1204,7 +1225,8 @@ def run(s, cfg):
     data["probe_iters"] = 50 if not s["quick"] else 10
     data["probe_before"] = probe_accuracy(model.to(s["device"]), data["probe"], data["probe_iters"])
     # 4) + 5) robot training and evaluation: one variant or all of them, for --seeds training seeds each
-    rows = COMPARE_ROWS if s["compare"] else [(cfg.variant, cfg.variant, {})]
+    picked = s["variants"].split(",") if s["variants"] else [name for name, _, _ in COMPARE_ROWS]
+    rows = [r for r in COMPARE_ROWS if r[0] in picked] if s["compare"] else [(cfg.variant, cfg.variant, {})]
     seeds = [s["seed"] + i for i in range(s["seeds"])]
     if s["compare"] and s["rank"] == 0:
         estimate_compare_time(s, cfg, tok, data, len(rows) * len(seeds))
@@ -1224,8 +1246,8 @@ def run(s, cfg):
                   f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
                   f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
         results.append(summarize(runs) if runs else None)
-    if s["rank"] > 0:  # wait, asleep, until rank 0 has written everything: exiting now would tear down this
-        torch.distributed.barrier()  # process's 1.8 GB beside rank 0's two-thread evaluation (latency 2x)
+    if s["rank"] > 0:
+        torch.distributed.barrier()  # until rank 0 has written everything
         torch.distributed.destroy_process_group()
         return None
     expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), train_tasks)
