@@ -874,9 +874,10 @@ def eval_only(s):
 
 
 def steady_time(run, n):
-    """Seconds per step of run(steps) once warmed up: (time of 2n steps - time of n steps) / n, so that what every
-    call pays once (a CUDA graph's capture, the first steps' allocations) cancels out."""
+    """Seconds per step of run(steps) once warmed up: after one untimed call, (time of 2n steps - time of n steps) / n,
+    so that what every call pays once (a CUDA graph's capture, the optimizer's first steps) cancels out."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    run(n)
     times = []
     for steps in (n, 2 * n):
         sync()
@@ -887,24 +888,21 @@ def steady_time(run, n):
     return (times[1] - times[0]) / n
 
 
-def train_speed(s, cfg, tok, obs, chunks, steps=40, batch_size=None):
+def train_speed(s, cfg, tok, obs, chunks, steps=40):
     """Robot-training steps per second with the real loop (batch, loss, backward, AdamW, EMA), as the default
-    run trains (on CUDA: the captured step)."""
-    s = {**s, "batch_size": batch_size or s["batch_size"]}
+    run trains (on CUDA: the captured step). -> steps/s, and the model and datasets it trained on."""
     torch.manual_seed(s["seed"])
     model = build_model(s, cfg, tok).to(s["device"])
     robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
-    return 1 / steady_time(lambda n: train(model, s, robot, vqa, n, s["vqa_frac"], "bench train"), steps)
+    sps = 1 / steady_time(lambda n: train(model, s, robot, vqa, n, s["vqa_frac"], "bench train"), steps)
+    return sps, (model, robot, vqa)
 
 
-def bench_gpu_step(s, cfg, tok, obs, chunks, n=50):
+def bench_gpu_step(s, model, robot, vqa, n=20):
     """On CUDA: kernels per training step and the share of the step's wall time that the GPU is busy
     (torch.profiler over 2n minus n steps), eager and captured; then samples/s at batch 64 and at the largest
     batch (doubling) whose step takes under 2x the batch-64 step."""
     from torch.profiler import ProfilerActivity, profile
-    torch.manual_seed(s["seed"])
-    model = build_model(s, cfg, tok).to(s["device"])
-    robot, vqa = model.make_batch(obs, chunks), model.make_batch(make_vqa_set(400, s["seed"]))
     for graph in (False, True):
         counts = []
         for steps in (n, 2 * n):
@@ -915,26 +913,25 @@ def bench_gpu_step(s, cfg, tok, obs, chunks, n=50):
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
-            counts.append((len(kernels), busy / 1e6, wall))
+            counts.append((len(kernels), sum(e.device_time for e in kernels) / 1e6, wall))
         (k1, b1, w1), (k2, b2, w2) = counts
-        print(f"train step ({'CUDA graph' if graph else 'eager'}): {(k2 - k1) / n:.0f} CUDA kernels per step, GPU busy "
-              f"{1000 * (b2 - b1) / n:.2f} ms of {1000 * (w2 - w1) / n:.2f} ms ({100 * (b2 - b1) / max(w2 - w1, 1e-9):.0f}%), "
-              f"batch {s['batch_size']} (under the profiler)")
+        print(f"train step, {'CUDA graph' if graph else 'eager'}: {(k2 - k1) / n:.0f} kernels per step, GPU busy "
+              f"{1000 * (b2 - b1) / n:.2f} ms of {1000 * (w2 - w1) / n:.2f} ms ({100 * (b2 - b1) / max(w2 - w1, 1e-9):.0f}%, "
+              f"under the profiler), batch {s['batch_size']}")
     t64, bs, best = None, s["batch_size"], None
-    while bs <= 65536:
-        try:
-            t = 1 / train_speed(s, cfg, tok, obs, chunks, 20, bs)
+    while bs <= 16384:
+        try:  # 200 steps a timing: a step is ~5 ms, what train() pays once must not drown it
+            t = steady_time(lambda k: train(model, {**s, "batch_size": bs}, robot, vqa, k, s["vqa_frac"], "bench"), 200)
         except torch.OutOfMemoryError:
             break
         t64 = t64 or t
+        print(f"batch {bs:5d}: {1000 * t:6.2f} ms/step, {bs / t:8.0f} samples/s")
         if t > 2 * t64:
             break
-        best = (bs, t)
-        print(f"batch {bs:5d}: {1000 * t:6.2f} ms/step, {bs / t:9.0f} samples/s")
-        bs *= 2
-    print(f"largest batch under 2x the batch-{s['batch_size']} step: {best[0]} ({best[0] / best[1]:.0f} samples/s, "
-          f"{best[0] / best[1] * t64 / s['batch_size']:.1f}x batch {s['batch_size']}'s)")
+        best, bs = (bs, t), bs * 2
+    if best:
+        print(f"largest batch under 2x the batch-{s['batch_size']} step: {best[0]}, {best[0] / best[1]:.0f} samples/s "
+              f"({best[0] / best[1] / (s['batch_size'] / t64):.1f}x batch {s['batch_size']}'s)")
 
 
 def matmul_gflops(device, n=1024):
@@ -956,13 +953,13 @@ def bench(s, cfg):
         return {}
     # training speed in the default job's conditions, next to a plain matmul on the same machine: the
     # steps/s vary 2-4x between machines of one kind; steps/s per matmul GFLOP/s should vary far less
-    sps, gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
+    (sps, trained), gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
     layout = "CUDA graph" if s["device"] == "cuda" and s["cuda_graph"] else f"{torch.get_num_threads()} threads"
     print(f"train: {sps:.2f} steps/s ({cfg.variant}, batch {s['batch_size']}, {s['device']}, {layout}) | "
           f"matmul 1024^3 fp32 {gflops:.0f} GFLOP/s | {1000 * sps / gflops:.1f} "
           f"steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
     if s["device"] == "cuda":
-        bench_gpu_step(s, cfg, tok, obs, chunks)
+        bench_gpu_step(s, *trained)
     n_fast = np.mean([len(tok.encode(c)) for c in chunks])
     print(f"FAST: {n_fast:.2f} tokens/chunk vs {cfg.action_horizon * cfg.action_dim} with per-dimension 256-bin "
           f"tokens ({len(chunks)} expert chunks, H={cfg.action_horizon}); fit on 10k chunks {fit_s:.2f} s")
