@@ -1280,3 +1280,22 @@ def tiny_paligemma(cfg, fast_vocab_size):
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1, head_dim=cfg.head_dim, vocab_size=V)
     return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text,
                                                              projection_dim=cfg.d_model, image_token_index=V - 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Exercises (README "Exercises" 1 and 2): fill these in, then run `python -m pytest -q -k exercise`
+# ------------------------------------------------------------------------------------------------
+
+
+def exercise_stop_gradient(kv):
+    """Exercise 1: knowledge insulation, written by you. kv: the backbone's per-layer [(k, v)], each
+    (B, nkv, Tp, hs). Return what the action expert may read: the same values, through which no gradient can
+    flow back into the backbone. (Returns None until you write it: its test skips until then.)"""
+    return None
+
+
+def exercise_flow_target(noise, actions, tau):
+    """Exercise 2: flow matching's training pair [5]. noise, actions (B, H, A); tau (B,) in [0, 1], 1 = pure noise.
+    Return (x_tau, u): the point at time tau on the straight path between the actions (tau = 0) and the noise
+    (tau = 1), and its velocity d x_tau / d tau, the target the action expert learns. (None until you write it.)"""
+    return None
