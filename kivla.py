@@ -266,7 +266,7 @@ CORNERS = {"top left": (0.15, 0.15), "top right": (0.85, 0.15),
            "bottom left": (0.15, 0.85), "bottom right": (0.85, 0.85)}  # (x, y), y grows downwards
 INSTRUCTION = "push the {color} block to the {corner} corner"
 ALL_TASKS = [(c, k) for c in COLORS for k in CORNERS]
-# The evaluation splits, fixed before any result was looked at (never tune them):
+# The evaluation splits: fixed constants, never tuned on results (tuning them would bias every number):
 # 1) held-out combinations: colour x corner pairs never in robot demos; their words all are (recombination)
 HELDOUT_TASKS = [("red", "bottom right"), ("green", "top left"), ("blue", "bottom left"),
                  ("yellow", "top right"), ("purple", "top left")]
@@ -499,8 +499,9 @@ def make_vqa(env, rng):
 # ------------------------------------------------------------------------------------------------
 
 SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
-WORDS = sorted(set(" ".join([INSTRUCTION, "where is it the which corner nearest what colour you moves", *COLORS, *CORNERS,
-                             *(w for ws in SYNONYMS.values() for w in ws)]).replace("{color}", "").replace("{corner}", "").split()))
+WORDS = sorted(set(" ".join([INSTRUCTION, "where is it the which corner nearest what colour you moves",
+                             *COLORS, *CORNERS, *(w for ws in SYNONYMS.values() for w in ws)])
+                   .replace("{color}", "").replace("{corner}", "").split()))
 
 
 class Vocab:
@@ -532,8 +533,8 @@ class Vocab:
         if tokenizer is not None:  # a real tokenizer's rarest ids get repurposed, as openpi does
             v.pad, v.unk = tokenizer.pad_token_id, tokenizer.unk_token_id
         elif len(v.itos) > v.state_offset:  # the toy words must all fit below the state bins
-            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(v.itos)} words + {state_bins} state bins + 3 "
-                             f"markers + {fast_vocab_size} FAST ids + {reserved} reserved ids")
+            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(v.itos)} words + {state_bins} state bins "
+                             f"+ 3 markers + {fast_vocab_size} FAST ids + {reserved} reserved ids")
         return v
 
     def words(self, text):
@@ -730,12 +731,12 @@ class Block(nn.Module):
 
 
 class ToyStem(nn.Module):
-    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS, both switchable (README "Deviations").
-    A real VLA's SigLIP arrives pre-trained; this one learns from scratch in a few thousand steps, so:
+    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale deviations"), both
+    switchable. A real VLA's SigLIP arrives pre-trained; this one learns from scratch in a few thousand steps, so:
       - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
         translation-equivariant, but every answer and action here needs absolute position ("the top left corner").
       - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels (early fusion).
-        Without it the ViT learns which blob "red" names far more slowly (toy VQA 0.34 vs 0.78, README).
+        Without it the ViT learns far more slowly which blob a colour word such as "red" names.
     image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
 
     def __init__(self, cfg, n_words):
@@ -763,7 +764,8 @@ class ToyStem(nn.Module):
             x = torch.cat([x, c, c.transpose(2, 3)], 1)  # (B, 5, S, S): RGB | x | y
         if self.film is not None:
             m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
-            film = ((F.embedding(text, self.film) * m).sum(1) / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
+            film = ((F.embedding(text, self.film) * m).sum(1)
+                    / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
         for i, conv in enumerate(self.convs):
             x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
             if i < len(self.convs) - 1:
@@ -911,7 +913,8 @@ class ActionExpert(nn.Module):
 def _eager():
     """False while torch.compile traces or a CUDA graph captures: checks that read a value back to Python (a host
     sync) run only in eager mode."""
-    return not torch.compiler.is_compiling() and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not torch.compiler.is_compiling() and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 BATCH_KEYS = """
@@ -941,14 +944,16 @@ class KIVLA(nn.Module):
             f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
             f"({cfg.action_horizon}, {cfg.action_dim})")
         if backbone is not None:
-            cfg = replace(cfg, **{k: getattr(backbone, k) for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
+            cfg = replace(cfg, **{k: getattr(backbone, k)
+                                  for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
         self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
         self.action_norm, self.state_norm = action_norm, state_norm
         if backbone is None:
             self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
             self.backbone = Backbone(cfg, self.vocab)
         else:  # our ids inside the VLM's vocabulary (text from its tokenizer if it has one)
-            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size, cfg.state_bins, backbone.tokenizer)
+            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size, cfg.state_bins,
+                                      backbone.tokenizer)
             self.backbone = backbone
         self.action_expert = ActionExpert(cfg)
         for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
@@ -1003,7 +1008,8 @@ class KIVLA(nn.Module):
             seq = []
             if "answer" in o:  # VQA row: "Answer:" answer... "|"
                 ans = o["answer"]
-                ans = [vocab.state_offset + int(a) for a in ans] if isinstance(ans, (list, tuple)) else vocab.words(ans)[0]
+                ans = ([vocab.state_offset + int(a) for a in ans] if isinstance(ans, (list, tuple))
+                       else vocab.words(ans)[0])
                 seq = [vocab.answer] + ans + [vocab.eos]
             elif actions is not None:
                 out["actions"][i], out["has_actions"][i] = actions[i], True
@@ -1168,7 +1174,8 @@ class KIVLA(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path, **extra):
-        norms = {k: n.state_dict() for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
+        norms = {k: n.state_dict()
+                 for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
         if isinstance(self.backbone, HFBackbone):  # enough to rebuild the VLM's architecture; weights are in "model"
             extra["hf_backbone"] = self.backbone.architecture()
         torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
@@ -1185,8 +1192,9 @@ class KIVLA(nn.Module):
                     **norms, backbone=backbone)
         try:
             model.load_state_dict(ck["model"])
-        except RuntimeError as e:  # e.g. a checkpoint from a kivla whose toy vocabulary had other words
-            raise ValueError(f"{path} does not fit this kivla's model (from an older version?): {str(e)[:300]}") from None
+        except RuntimeError as e:  # a shape differs: e.g. a checkpoint built with another toy vocabulary (WORDS)
+            raise ValueError(f"{path} does not fit this kivla's model (from an older version?): "
+                             f"{str(e)[:300]}") from None
         return model.to(device).eval()
 
 
@@ -1217,9 +1225,11 @@ class HFBackbone(nn.Module):
         tc = hf_model.config.text_config
         rope = getattr(tc, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} is not supported by the expert's rope()")
+            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} "
+                             "is not supported by the expert's rope()")
         if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
-            raise ValueError("HFBackbone passes boolean attention masks: load the model with attn_implementation='sdpa'")
+            raise ValueError("HFBackbone passes boolean attention masks: "
+                             "load the model with attn_implementation='sdpa'")
         self.n_layer, self.n_head, self.n_kv_head = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
@@ -1276,8 +1286,9 @@ def tiny_paligemma(cfg, fast_vocab_size):
     vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width,
                   num_hidden_layers=cfg.vit_layers, num_attention_heads=4, image_size=cfg.image_size,
                   patch_size=cfg.patch_size, projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
-    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1, head_dim=cfg.head_dim, vocab_size=V)
+    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1,
+                head_dim=cfg.head_dim, vocab_size=V)
     return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text,
                                                              projection_dim=cfg.d_model, image_token_index=V - 1))
 

@@ -198,8 +198,10 @@ def test_success_detection_and_truncation():
 def test_evaluation_splits_are_disjoint_and_the_unseen_ones_are_what_they_say(unseen):
     sp = kivla.task_splits(unseen)
     assert not set(sp["train"]) & set(sp["heldout"]) and not set(sp["train"]) & set(sp["unseen_color"])
-    assert {c for c, _ in sp["train"]} == set(kivla.COLORS) - {unseen} and {k for _, k in sp["train"]} == set(kivla.CORNERS)
-    assert {c for c, _ in sp["heldout"] + sp["train"]} <= set(kivla.COLORS) - {unseen}, "held-out combos recombine seen words"
+    assert ({c for c, _ in sp["train"]} == set(kivla.COLORS) - {unseen}
+            and {k for _, k in sp["train"]} == set(kivla.CORNERS))
+    assert ({c for c, _ in sp["heldout"] + sp["train"]}
+            <= set(kivla.COLORS) - {unseen}), "held-out combos recombine seen words"
     assert sp["unseen_color"] == [(unseen, k) for k in kivla.CORNERS] if unseen else sp["unseen_color"] == []
     env = kivla.PushEnv(tasks="heldout")
     for s in range(20):
@@ -268,7 +270,8 @@ def test_knowledge_insulation_blocks_flow_gradients(demo):
     assert any(not is_zero(v) for n, v in g.items() if n.startswith("action_expert."))
     joint = tiny(tok, "joint")
     g = flow_only_grads(joint, batch)
-    assert all(not is_zero(v) for n, v in g.items() if n.startswith("backbone.vit.")), "joint: every ViT weight feeds the expert"
+    assert all(not is_zero(v) for n, v in g.items()
+               if n.startswith("backbone.vit.")), "joint: every ViT weight feeds the expert"
     for i in range(TINY["n_layer"]):  # every layer's keys/values feed the expert
         assert not is_zero(g[f"backbone.blocks.{i}.qkv.weight"])
 
@@ -530,7 +533,8 @@ def test_hf_backbone_knowledge_insulation(demo, shape):
     batch = m.make_batch(obs, chunks)
     with_flow, without = grads(m, batch, 1.0), grads(m, batch, 0.0)
     hf_params = [n for n in with_flow if n.startswith("backbone.")]
-    assert len(hf_params) > 20 and all(torch.equal(with_flow[n], without[n]) for n in hf_params), "flow leaked into the VLM"
+    assert len(hf_params) > 20 and all(torch.equal(with_flow[n], without[n])
+                                       for n in hf_params), "flow leaked into the VLM"
     assert not is_zero(with_flow["action_expert.out_proj.weight"]) and is_zero(without["action_expert.out_proj.weight"])
     for i in range(shape["n_layer"]):
         assert not is_zero(without[f"backbone.hf.model.language_model.layers.{i}.self_attn.k_proj.weight"])
@@ -576,7 +580,8 @@ def test_hf_backbone_ids_masks_and_rope_match_the_expert(demo):
     from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
     V, v = m.backbone.vocab_size, m.vocab
     assert v.fast_offset + tok.vocab_size == V - 128 and m.backbone.hf.config.image_token_id >= V - 128
-    assert len(kivla.SPECIALS + kivla.WORDS) <= v.state_offset < v.state_offset + 256 <= v.action < v.eos < v.fast_offset
+    assert (len(kivla.SPECIALS + kivla.WORDS) <= v.state_offset < v.state_offset + 256 <= v.action < v.eos
+            < v.fast_offset)
     batch = m.make_batch(obs[:2], chunks[:2])
     assert batch["suffix"][:, 0].eq(v.action).all() and (batch["suffix"] < V - 128).all()
 
@@ -607,7 +612,8 @@ def test_hf_backbone_ids_masks_and_rope_match_the_expert(demo):
     pos, hs = torch.arange(40), m.cfg.head_dim
     cos, sin = m.backbone.hf.model.language_model.rotary_emb(torch.zeros(1, 40, hs), pos[None])  # (1, T, hs)
     q = torch.randn(1, 2, 40, hs)
-    assert torch.allclose(apply_rotary_pos_emb(q, q, cos, sin)[0], kivla.rope(q, *kivla.rope_angles(pos, hs, m.cfg.rope_theta)), atol=1e-5)
+    assert torch.allclose(apply_rotary_pos_emb(q, q, cos, sin)[0],
+                          kivla.rope(q, *kivla.rope_angles(pos, hs, m.cfg.rope_theta)), atol=1e-5)
 
 
 def test_hf_backbone_overfits_a_handful_of_samples(demo):
@@ -647,16 +653,19 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     b = train_toy.main(TINY_RUN + [f"--out_dir={tmp_path / 'b'}"])
     ki = a["compare"][0]
     assert untimed(ki["runs"][0]) == untimed(b["runs"][0]) and b["success"] == b["runs"][0]["success"]
-    assert out.count("VLM pretraining: VQA accuracy") == 1 and "compare: 12 runs" in out and "over 2 seeds: success" in out
+    assert (out.count("VLM pretraining: VQA accuracy") == 1 and "compare: 12 runs" in out
+            and "over 2 seeds: success" in out)
     assert [r["runs"][0]["row"] for r in a["compare"]] == [name for name, _, _ in train_toy.COMPARE_ROWS]
     assert [r["vqa_frac"] for r in a["compare"]] == [0.125] * 4 + [0.0] * 2
     assert ki["seeds"] == [0, 1] and [x["seed"] for x in ki["runs"]] == [0, 1]
-    for k in ("success", "heldout_success", "unseen_color_success", "fast_token_acc", "first_action_mse", "probe_acc_after"):
+    for k in ("success", "heldout_success", "unseen_color_success", "fast_token_acc", "first_action_mse",
+              "probe_acc_after"):
         vals = [x[k] for x in ki["runs"]]
         assert ki[k] == pytest.approx(np.mean(vals)) and ki[k + "_std"] == pytest.approx(np.std(vals))
     assert 0 < ki["probe_acc_before"] <= 1 and all(0 <= r["malformed_fast"] <= 1 for r in ki["runs"])
     md = (tmp_path / "a" / "compare.md").read_text().splitlines()
-    header, rows = md[2], [line for line in md if line.startswith("| ") and not line.startswith(("| variant", "| claim"))]
+    header, rows = md[2], [line for line in md
+                           if line.startswith("| ") and not line.startswith(("| variant", "| claim"))]
     assert all(h.split(" (")[0] in header for _, h, _ in train_toy.COMPARE_COLUMNS)
     assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _, _ in train_toy.COMPARE_ROWS]
     assert all(r.count(" | ") == len(train_toy.COMPARE_COLUMNS) + 1 for r in rows)  # + the seeds column
@@ -665,9 +674,11 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     for f in ("pretrained.pt", "metrics.json", "compare.png", "ckpt_ki_seed0.pt", "ckpt_joint_noVQA_seed1.pt",
               "curves_fast_seed1.png", "history_ki_seed0.json"):
         assert (tmp_path / "a" / f).stat().st_size > 0
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["compare"][0]["runs"][1]["success"] == ki["runs"][1]["success"]
+    assert (json.loads((tmp_path / "a" / "metrics.json").read_text())["compare"][0]["runs"][1]["success"]
+            == ki["runs"][1]["success"])
     e = json.loads((tmp_path / "a" / "history_ki_seed1.json").read_text())["eval"]
-    assert [r["step"] for r in e] == [6] and all(0 <= r["fast_token_acc"] <= 1 and r["first_action_mse"] >= 0 for r in e)
+    assert [r["step"] for r in e] == [6] and all(0 <= r["fast_token_acc"] <= 1 and r["first_action_mse"] >= 0
+                                                 for r in e)
     assert (tmp_path / "b" / "rollouts.gif").stat().st_size > 0
     # built in pieces: one more seed of two rows, run on its own, merged with the whole comparison
     pre = f"--init_from={tmp_path / 'a' / 'pretrained.pt'}"
@@ -703,11 +714,13 @@ def test_the_curve_ends_with_the_final_evaluation_and_never_changes_training(tmp
     """Curve points every eval_interval steps; the last point is the final evaluation's (no second evaluation of
     the same model), with the final diagnostics. The curve draws its noise from its own generator: measuring it
     more often leaves the trained weights exactly as they were."""
-    often = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=2", f"--out_dir={tmp_path / 'a'}"])["runs"][0]
+    often = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=2",
+                                       f"--out_dir={tmp_path / 'a'}"])["runs"][0]
     assert [st for st, _ in often["curve"]] == [2, 4, 6] and often["curve"][-1][1] == often["success"]
     last = json.loads((tmp_path / "a" / "history.json").read_text())["eval"][-1]
     assert last["first_action_mse"] == often["first_action_mse"] and last["fast_token_acc"] == often["fast_token_acc"]
-    never = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=99", f"--out_dir={tmp_path / 'b'}"])["runs"][0]
+    never = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=99",
+                                       f"--out_dir={tmp_path / 'b'}"])["runs"][0]
     assert [st for st, _ in never["curve"]] == [6]
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -720,11 +733,12 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
     The checkpoint rebuilds the HF model from its stored architecture (no hub, no download)."""
     pytest.importorskip("transformers", minversion="5")
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_toy.py",
-                        *TINY_RUN, "--backbone=hf-tiny", "--device=cpu", f"--out_dir={out}"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train_toy.py", *TINY_RUN, "--backbone=hf-tiny", "--device=cpu", f"--out_dir={out}"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("data parallel: parameters identical on all 2 ranks") == 2  # after pretraining and robot training
+    # after pretraining and robot training
+    assert r.stdout.count("data parallel: parameters identical on all 2 ranks") == 2
     assert r.stdout.count("ki    seed 0 | success") == 1 and r.stdout.count("parameters: backbone") == 1
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "history.json", "metrics.json",
                                                      "pretrained.pt", "rollouts.gif"]
@@ -750,7 +764,8 @@ def test_scale_gpu_setting_has_the_promised_shapes_and_trains_on_cpu():
     before = m.backbone.blocks[0].qkv.weight.clone()
     ema = train_toy.train(m, s, robot, vqa, 2, s["vqa_frac"], "gpu-scale shapes")
     kv, valid = ema.backbone_prefix_kv(m.make_batch(obs[:2]))
-    assert kv[0][0].shape == (2, 8, 64 + cfg.text_len + 2, 32) and not torch.equal(before, m.backbone.blocks[0].qkv.weight)
+    assert (kv[0][0].shape == (2, 8, 64 + cfg.text_len + 2, 32)
+            and not torch.equal(before, m.backbone.blocks[0].qkv.weight))
 
 
 def test_figures_are_written_from_the_model_and_are_not_blank(demo, tmp_path):
@@ -835,12 +850,14 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
 
 
 @pytest.mark.parametrize("min_vqa, blocks", [(0.0, 1), (1.01, 2)])
-def test_a_vlm_still_on_the_grounding_plateau_is_restarted_from_a_fresh_init(demo, tmp_path, monkeypatch, min_vqa, blocks):
+def test_a_vlm_still_on_the_grounding_plateau_is_restarted_from_a_fresh_init(demo, tmp_path, monkeypatch, min_vqa,
+                                                                             blocks):
     """While held-out VQA accuracy is under pretrain_min_vqa, pretraining starts again: a fresh random init (seed +
     1000 * block) on new batches, at most pretrain_blocks in all; the best VLM is kept. Above the bar: one block,
     from the run's own seed (so every run whose VLM passes is unchanged)."""
     obs, chunks, tok = demo
-    s, cfg = train_toy.parse_args(TINY_RUN + [f"--out_dir={tmp_path}", f"--pretrain_min_vqa={min_vqa}", "--pretrain_blocks=2"])
+    s, cfg = train_toy.parse_args(TINY_RUN + [f"--out_dir={tmp_path}", f"--pretrain_min_vqa={min_vqa}",
+                                              "--pretrain_blocks=2"])
     s.update(rank=0, world=1, device="cpu")
     calls, real_train = [], train_toy.train
 
@@ -898,7 +915,8 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
             blk.qkv.weight[:2 * 64] *= 10  # the q rows and the k rows (4 heads x 16 each); v unchanged
         y1, _ = blk(x, rot)
         assert torch.allclose(y0, y1, atol=1e-5) == qk_norm
-    assert [n for n, _ in kivla.Block(64, 4, 16, qk_norm=True).named_parameters() if "_norm" in n] == ["q_norm.weight", "k_norm.weight"]
+    assert ([n for n, _ in kivla.Block(64, 4, 16, qk_norm=True).named_parameters() if "_norm" in n]
+            == ["q_norm.weight", "k_norm.weight"])
     assert not any("q_norm" in n for n, _ in kivla.KIVLA(kivla.Config(qk_norm=False), tok).named_parameters())
 
 
@@ -946,7 +964,8 @@ def test_every_path_runs_on_cuda(tmp_path, capsys):
     b = m.make_batch([kivla.PushEnv().reset(seed=0)[0]])
     assert m.sample_actions(b).device.type == m.predict_actions(b).device.type == "cuda"
     assert all(t.device.type == "cuda" for t in m.generate_fast_actions(b))
-    train_toy.main(["--eval_only", f"--init_from={tmp_path / 'a' / 'ckpt_fast.pt'}", "--device=cuda", f"--out_dir={tmp_path}"])
+    train_toy.main(["--eval_only", f"--init_from={tmp_path / 'a' / 'ckpt_fast.pt'}", "--device=cuda",
+                    f"--out_dir={tmp_path}"])
     train_toy.main(cuda + ["--figures", f"--out_dir={tmp_path / 'f'}"])
     train_toy.main(cuda + ["--scale=gpu", "--batch_size=8", f"--out_dir={tmp_path / 'g'}"])
     try:
@@ -982,13 +1001,16 @@ def test_exercise_1_stop_gradient(demo):
         pytest.skip("exercise 1 not done yet: write kivla.exercise_stop_gradient")
     out = list(out)
     assert len(out) == len(kv), "one (k, v) per backbone layer"
-    assert all(torch.equal(k2, k) and torch.equal(v2, v) for (k2, v2), (k, v) in zip(out, kv)), "the values must not change"
-    assert not any(t.requires_grad for pair in out for t in pair), "a gradient still flows: the expert would train the VLM"
+    assert all(torch.equal(k2, k) and torch.equal(v2, v)
+               for (k2, v2), (k, v) in zip(out, kv)), "the values must not change"
+    assert not any(t.requires_grad
+                   for pair in out for t in pair), "a gradient still flows: the expert would train the VLM"
 
 
 def test_exercise_2_flow_target():
     g = torch.Generator().manual_seed(0)
-    noise, actions, tau = torch.randn(5, 10, 2, generator=g), torch.randn(5, 10, 2, generator=g), torch.rand(5, generator=g)
+    noise, actions, tau = (torch.randn(5, 10, 2, generator=g), torch.randn(5, 10, 2, generator=g),
+                           torch.rand(5, generator=g))
     if kivla.exercise_flow_target(noise, actions, tau) is None:
         pytest.skip("exercise 2 not done yet: write kivla.exercise_flow_target")
     x, u = kivla.exercise_flow_target(noise, actions, tau)

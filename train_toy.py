@@ -55,7 +55,8 @@ SETTINGS = dict(
     eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
     figures=False,          # write attention.png and fast_tokens.png into --out_dir and exit (--bench does too)
     bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
-    backbone="toy",         # toy: the from-scratch toy VLM | hf-tiny: a tiny random HuggingFace PaliGemma (transformers)
+    backbone="toy",         # toy: the from-scratch toy VLM | hf-tiny: a tiny random HuggingFace PaliGemma
+                            # (transformers)
     scale="cpu",            # cpu: the toy sizes | gpu: sized for one GPU (more image tokens, wider, bigger batch)
     compile=False,          # torch.compile the training loss (instead of a CUDA graph)
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
@@ -79,7 +80,8 @@ SETTINGS = dict(
     weight_decay=0.01,
     grad_clip=1.0,
     ema=0.998,              # EMA of the weights, used for evaluation
-    eval_interval=500,      # steps between the curve's evaluations (50 episodes, own RNG; the last point is the final one)
+    eval_interval=500,      # steps between the curve's evaluations (50 episodes, own RNG; the last point is the
+                            # final one)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
     replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
@@ -127,7 +129,8 @@ def parse_args(argv):
     rows = [r for r in s["variants"].split(",") if r]
     unknown = [r for r in rows if r not in [name for name, _, _ in COMPARE_ROWS]]
     if unknown:
-        raise SystemExit(f"error: --variants: unknown rows {unknown}; choose from {', '.join(n for n, _, _ in COMPARE_ROWS)}")
+        raise SystemExit(f"error: --variants: unknown rows {unknown}; "
+                         f"choose from {', '.join(n for n, _, _ in COMPARE_ROWS)}")
     if rows and not s["compare"]:
         raise SystemExit("error: --variants picks rows of --compare: add --compare (or use --variant=NAME for one run)")
     for k in ("seeds", "pretrain_blocks"):
@@ -198,7 +201,8 @@ def held_out_sets(quick, H, tasks):
     """Data no training step sees: clean expert episodes (the diagnostics' states), VQA for the probe and for
     the VQA accuracy."""
     d_obs, d_chunks, _, _ = collect_demos(4 if quick else 40, H, 0.0, DIAG_SEED, tasks)
-    return d_obs, d_chunks, make_vqa_set(200 if quick else 2000, PROBE_SEED), make_vqa_set(200 if quick else 1000, VQA_EVAL_SEED)
+    return (d_obs, d_chunks, make_vqa_set(200 if quick else 2000, PROBE_SEED),
+            make_vqa_set(200 if quick else 1000, VQA_EVAL_SEED))
 
 
 def index(batch, idx):
@@ -437,7 +441,8 @@ def draw_curves(history, path, size=(760, 320)):
 
     series = [[("ce_loss", (200, 60, 40), *smooth("ce_loss")), ("flow_loss", (40, 90, 200), *smooth("flow_loss"))],
               [(k, c, [r["step"] for r in ev if np.isfinite(r[k])], [min(r[k], 1.0) for r in ev if np.isfinite(r[k])])
-               for k, c in (("success", (30, 150, 60)), ("fast_token_acc", (200, 60, 40)), ("first_action_mse", (40, 90, 200)))]]
+               for k, c in (("success", (30, 150, 60)), ("fast_token_acc", (200, 60, 40)),
+                            ("first_action_mse", (40, 90, 200)))]]
     for p, panel in enumerate(series):
         x0, log = p * W, p == 0
         vals = np.concatenate([np.log10(v) if log else np.asarray(v, float) for _, _, _, v in panel] + [[0.0]])
@@ -448,7 +453,8 @@ def draw_curves(history, path, size=(760, 320)):
         dr.rectangle([x0 + L, T, x0 + W - 10, H - B], outline=(150, 150, 150))
         for tick in range(int(lo), int(hi) + 1) if log else (0.0, 0.5, 1.0):
             dr.text((x0 + 4, Y(tick) - 6), f"1e{tick}" if log else f"{tick:.1f}", fill="black")
-        dr.text((x0 + L, 6), "training loss (log)" if log else "held-out: success, FAST acc, 1st-action err", fill="black")
+        dr.text((x0 + L, 6), "training loss (log)" if log else "held-out: success, FAST acc, 1st-action err",
+                fill="black")
         dr.text((x0 + W - 90, H - B + 8), f"step {xmax}", fill="black")
         for i, (name, color, steps, v) in enumerate(panel):
             ys = np.log10(v) if log else np.asarray(v, float)
@@ -496,8 +502,8 @@ def draw_attention(model, obs, chunk, path, cell=9):
         start += n
     dr.text((L, 4), "attention mask of one training row (rows = queries, columns = keys)", fill="black")
     legend = [("vlm", "backbone: prefix bidirectional, FAST causal"), (reads, "expert reads VLM keys/values" +
-              (" through stop_gradient" if reads == "sg" else " (gradient flows)")), ("exp", "expert: its own action tokens"),
-              (None, "masked (incl. padded text)")]
+              (" through stop_gradient" if reads == "sg" else " (gradient flows)")),
+              ("exp", "expert: its own action tokens"), (None, "masked (incl. padded text)")]
     for i, (c, text) in enumerate(legend):
         y = top + 10 + 28 * i
         dr.rectangle([L + T * cell + 12, y, L + T * cell + 22, y + 10], fill=colors[c] if c else (238, 238, 238))
@@ -531,7 +537,8 @@ def draw_fast_tokens(tok, chunk, path):
             x, y = 40 + d * 60, 146 + f * 13
             v = int(q[f, d])
             shade = 255 - min(200, 40 * abs(v))
-            dr.rectangle([x, y, x + 56, y + 11], fill=(255, shade, shade) if v > 0 else (shade, shade, 255) if v < 0 else (245, 245, 245))
+            dr.rectangle([x, y, x + 56, y + 11],
+                         fill=(255, shade, shade) if v > 0 else (shade, shade, 255) if v < 0 else (245, 245, 245))
             dr.text((x + 22, y), str(v), fill="black")
     y0 = 146 + H * 13 + 10
     dr.text((10, y0), f"3) flattened low-frequency first ({len(syms)} symbols) -> BPE: {len(ids)} tokens", fill="black")
@@ -569,7 +576,8 @@ def write_gif(episodes, path):
             dr.rectangle([0, 0, img.width, 14], fill="white")
             dr.text((3, 2), instruction, fill="black")
             if t == len(ep_frames) - 1:
-                dr.text((3, img.height - 14), "SUCCESS" if success else "failed", fill=(0, 140, 0) if success else (200, 0, 0))
+                dr.text((3, img.height - 14), "SUCCESS" if success else "failed",
+                        fill=(0, 140, 0) if success else (200, 0, 0))
             frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # 4x faster than letting save() do it
         frames.extend([frames[-1]] * 5)  # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
@@ -666,7 +674,8 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             bar.set_postfix(ce=f"{m['ce_loss']:.3f}", flow=f"{m['flow_loss']:.3f}")
             if history is not None:
                 history["train"].append({"step": step, **m})
-        if curve is not None and (step + 1) % s["eval_interval"] == 0 and step + 1 < steps:  # the last point: the final evaluation
+        # no curve point at the last step: the curve's last point is the final evaluation
+        if curve is not None and (step + 1) % s["eval_interval"] == 0 and step + 1 < steps:
             e = curve(ema, step + 1)
             tqdm.write(f"step {step + 1:6d} | success {e['success']:.2f} | FAST acc {e['fast_token_acc']:.2f} "
                        f"| 1st-action err {e['first_action_mse']:.3f}")
@@ -758,10 +767,11 @@ def build_model(s, cfg, tok):
 def load_vlm_weights(model, weights):
     """Every VLM weight, strictly; the action expert keeps its fresh init (pretraining never trains it)."""
     try:
-        missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("action_expert.")},
-                                                    strict=False)
-    except RuntimeError as e:  # a shape differs: e.g. the toy vocabulary of an older kivla
-        raise SystemExit(f"error: the VLM weights do not fit this model (from an older kivla?): {str(e)[:300]}") from None
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in weights.items() if not k.startswith("action_expert.")}, strict=False)
+    except RuntimeError as e:  # a shape differs: e.g. weights built with another toy vocabulary (WORDS)
+        raise SystemExit("error: the VLM weights do not fit this model (from an older kivla?): "
+                         f"{str(e)[:300]}") from None
     if unexpected or any(not k.startswith("action_expert.") for k in missing):
         raise SystemExit(f"error: the VLM weights do not fit this model (from an older kivla, or another --backbone?); "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -794,10 +804,12 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
                                                        record=record, reword=reword, seed=EVAL_SEED)
     ok_in, chunk_s, episodes = run(splits["train"], n_gif)  # the same seeds on every split
     ok_out, _, more = run(splits["heldout"], n_gif)
-    ok_color, _, colored = run(splits["unseen_color"], n_gif // 2) if splits["unseen_color"] else (np.array([np.nan]), 0, [])
+    ok_color, _, colored = (run(splits["unseen_color"], n_gif // 2) if splits["unseen_color"]
+                            else (np.array([np.nan]), 0, []))
     ok_words, _, worded = run(splits["train"], n_gif // 2, reword=True)
     # the curve's last point is the final evaluation (its 200 episodes, not another 50 on the curve's seeds)
-    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()), **diagnostics(ema, diag, s["num_steps"])})
+    history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()),
+                            **diagnostics(ema, diag, s["num_steps"])})
     metrics = {
         "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
         "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
@@ -805,7 +817,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         "unseen_color": s["unseen_color"], "eval_episodes": s["eval_episodes"],
         **{k: v for k, v in history["eval"][-1].items() if k not in ("step", "success")},
         "vqa_acc_before": vqa_before, "vqa_acc_after": vqa_accuracy(ema, data["vqa_eval"]),
-        "probe_acc_before": data["probe_before"], "probe_acc_after": probe_accuracy(ema, data["probe"], data["probe_iters"]),
+        "probe_acc_before": data["probe_before"],
+        "probe_acc_after": probe_accuracy(ema, data["probe"], data["probe_iters"]),
         "steps_to_50pct": steps_to(history, 0.5), "steps_to_80pct": steps_to(history, 0.8),
         "curve": [(r["step"], r["success"]) for r in history["eval"]],
         "latency_ms_per_chunk_b1": 1000 * latency(ema, _sample_obs(), s["num_steps"], 20 if not s["quick"] else 3),
@@ -813,7 +826,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         "run_time_s": time.time() - t_start, "device": s["device"], "train_steps": s["train_steps"],
     }
     out = s["out_dir"]
-    ema.cpu().save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"}, metrics=metrics)
+    ema.cpu().save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"},
+                   metrics=metrics)
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
     with open(os.path.join(out, f"history{tag}.json"), "w") as f:
         json.dump(history, f)
@@ -836,15 +850,16 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
         torch.manual_seed(s["seed"] + 1000 * block)
         model = build_model(s, kivla.Config(**{**asdict(cfg), "variant": "fast"}), tok).to(s["device"])
         desc = "VLM pretraining (VQA)" + (f", restart {block}" if block else "")
-        ema = train(model, {**s, "lr": s["pretrain_lr"], "seed": s["seed"] + block}, None, vqa, s["pretrain_steps"], 1.0, desc)
+        ema = train(model, {**s, "lr": s["pretrain_lr"], "seed": s["seed"] + block}, None, vqa, s["pretrain_steps"],
+                    1.0, desc)
         acc = vqa_accuracy(ema, vqa_eval)  # on every rank (the same weights): they agree on going on
         if block == 0 or acc > best[1]:
             best = ema, acc
         if acc >= s["pretrain_min_vqa"]:
             break
         if block + 1 < s["pretrain_blocks"]:
-            print(f"VLM pretraining: VQA accuracy {acc:.3f} < {s['pretrain_min_vqa']} (still on the grounding plateau): "
-                  "restarting from a fresh init")
+            print(f"VLM pretraining: VQA accuracy {acc:.3f} < {s['pretrain_min_vqa']} "
+                  "(still on the grounding plateau): restarting from a fresh init")
     ema, acc = best  # the best VLM if none left the plateau
     if s["rank"] == 0:
         ema.save(os.path.join(s["out_dir"], "pretrained.pt"), vqa_acc=acc)
@@ -916,7 +931,8 @@ def bench_gpu_step(s, model, robot, vqa, n=20):
             counts.append((len(kernels), sum(e.device_time for e in kernels) / 1e6, wall))
         (k1, b1, w1), (k2, b2, w2) = counts
         print(f"train step, {'CUDA graph' if graph else 'eager'}: {(k2 - k1) / n:.0f} kernels per step, GPU busy "
-              f"{1000 * (b2 - b1) / n:.2f} ms of {1000 * (w2 - w1) / n:.2f} ms ({100 * (b2 - b1) / max(w2 - w1, 1e-9):.0f}%, "
+              f"{1000 * (b2 - b1) / n:.2f} ms of {1000 * (w2 - w1) / n:.2f} ms "
+              f"({100 * (b2 - b1) / max(w2 - w1, 1e-9):.0f}%, "
               f"under the profiler), batch {s['batch_size']}")
     t64, bs, best = None, s["batch_size"], None
     while bs <= 16384:
@@ -946,7 +962,8 @@ def bench(s, cfg):
     torch.set_num_threads(torch.get_num_threads())
     obs, chunks, _, _ = collect_demos(300, cfg.action_horizon, s["demo_noise"], s["seed"])
     t0 = time.perf_counter()
-    tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
+    tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(
+        np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
     fit_s = time.perf_counter() - t0
     write_figures(s, cfg, tok, obs, chunks)
     if s["figures"]:
@@ -986,7 +1003,8 @@ def bench(s, cfg):
         if s["device"] == "cuda":  # the prefix pass and the 10 Euler steps as one CUDA graph
             eager, sample = t_flow, graphed_sampler(model, b, 10)
             t_flow = _median_time(lambda: sample(b))
-            print(f"batch {bs:2d}: flow (10 Euler steps) eager {1000 * eager:.2f} ms, CUDA graph {1000 * t_flow:.2f} ms")
+            print(f"batch {bs:2d}: flow (10 Euler steps) eager {1000 * eager:.2f} ms, "
+                  f"CUDA graph {1000 * t_flow:.2f} ms")
         # the toy's own FAST length, then the lengths of real 1 s chunks of many-DoF robots (FAST: 30-60+)
         for n in (n_tok, 30, 60):
             t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=n, stop_at_eos=False))
@@ -1027,14 +1045,16 @@ def bench_paper_proportions(s, H=50, A=14, expert_width=80):
           f"{p['action_expert'] / 1e6:.2f}M params ({p['backbone (VLM)'] / p['action_expert']:.1f}x), H={H} A={A}, "
           f"FAST {n_tok:.1f} tokens/chunk | flow (10 Euler steps) {1000 * t_flow:.1f} ms | AR FAST "
           f"({round(n_tok) + 1} tokens) {1000 * t_ar:.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
-    return {"fast_tokens": n_tok, "flow_s": t_flow, "ar_s": t_ar, "param_ratio": p["backbone (VLM)"] / p["action_expert"]}
+    return {"fast_tokens": n_tok, "flow_s": t_flow, "ar_s": t_ar,
+            "param_ratio": p["backbone (VLM)"] / p["action_expert"]}
 
 
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success", "vqa_acc_after",
           "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc", "first_action_mse", "malformed_fast")
 # compare.md: (metric, column header, the paper's claim it measures)
 COMPARE_COLUMNS = [("success", "success in-dist", ""), ("heldout_success", "held-out combos", "generalize"),
-                   ("unseen_color_success", "unseen colour", "generalize"), ("unseen_wording_success", "unseen wording", "generalize"),
+                   ("unseen_color_success", "unseen colour", "generalize"),
+                   ("unseen_wording_success", "unseen wording", "generalize"),
                    ("vqa_acc_after", "VQA after (before {vqa_acc_before:.2f})", "retention: head"),
                    ("probe_acc_after", "VQA probe after (before {probe_acc_before:.2f})", "retention: features"),
                    ("steps_to_50pct", "steps to 50%", "train fast"), ("steps_to_80pct", "steps to 80%", "train fast"),
@@ -1057,8 +1077,8 @@ def estimate_compare_time(s, cfg, tok, data, n_runs):
     per_episode = (time.perf_counter() - t0) / 2 / 4  # episodes run in lockstep batches: ~4x cheaper at 100+
     n_eval = 4 * s["eval_episodes"] + min(50, s["eval_episodes"]) * ((s["train_steps"] - 1) // s["eval_interval"])
     minutes = n_runs * (s["train_steps"] / sps + n_eval * per_episode) / 60
-    print(f"compare: {n_runs} runs of {s['train_steps']} steps at {sps:.1f} steps/s + {n_eval} evaluation episodes each "
-          f"-> about {minutes:.0f} min on this machine")
+    print(f"compare: {n_runs} runs of {s['train_steps']} steps at {sps:.1f} steps/s + {n_eval} evaluation "
+          f"episodes each -> about {minutes:.0f} min on this machine")
 
 
 def fmt(vals, key):
@@ -1067,10 +1087,12 @@ def fmt(vals, key):
         ok = vals[np.isfinite(vals)]
         if len(ok) == 0:
             return "not reached"
-        return f"{ok.mean():.0f} ± {ok.std():.0f}" + (f" ({len(ok)}/{len(vals)} reached)" if len(ok) < len(vals) else "")
+        return (f"{ok.mean():.0f} ± {ok.std():.0f}"
+                + (f" ({len(ok)}/{len(vals)} reached)" if len(ok) < len(vals) else ""))
     if not np.isfinite(vals).any():
         return "-"
-    return f"{vals.mean():.1f} ± {vals.std():.1f}" if key.startswith("latency") else f"{vals.mean():.3f} ± {vals.std():.3f}"
+    return (f"{vals.mean():.1f} ± {vals.std():.1f}" if key.startswith("latency")
+            else f"{vals.mean():.3f} ± {vals.std():.3f}")
 
 
 def write_compare(results, s, path_md, path_png):
@@ -1105,7 +1127,8 @@ def write_compare(results, s, path_md, path_png):
         c = palette[i % len(palette)]
         light = tuple(int(255 - 0.25 * (255 - ch)) for ch in c)
         if len(steps) > 1:
-            band = [(X(st), Y(hi)) for st, hi in zip(steps, v.max(0))] + [(X(st), Y(lo)) for st, lo in zip(steps[::-1], v.min(0)[::-1])]
+            band = ([(X(st), Y(hi)) for st, hi in zip(steps, v.max(0))]
+                    + [(X(st), Y(lo)) for st, lo in zip(steps[::-1], v.min(0)[::-1])])
             dr.polygon(band, fill=light)
     for i, r in enumerate(results):
         steps = [st for st, _ in r["runs"][0]["curve"]]
@@ -1175,7 +1198,7 @@ def main(argv):
 
 def deterministic(s):
     """Same seed, same numbers (on one CPU): deterministic algorithms only, but without also filling every new
-    tensor with NaN (fill_uninitialized_memory), which no correct op reads and which cost ~2.5% of a CPU step."""
+    tensor with NaN (fill_uninitialized_memory), which no correct op reads and which costs ~2.5% of a CPU step."""
     if s["device"] == "cpu":
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = False
@@ -1194,7 +1217,8 @@ def run(s, cfg):
     os.makedirs(s["out_dir"], exist_ok=True)
     # 1) demonstrations, the VQA pool and the held-out sets (under torchrun every rank makes the same)
     train_tasks = kivla.task_splits(s["unseen_color"])["train"]
-    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"], train_tasks)
+    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"],
+                                                    train_tasks)
     vqa_pool = make_vqa_set(s["n_vqa"], s["seed"])
     d_obs, d_chunks, vqa_probe, vqa_eval = held_out_sets(s["quick"], cfg.action_horizon, train_tasks)
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
@@ -1203,7 +1227,8 @@ def run(s, cfg):
     init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)
     if init and init["fast_tokenizer"]["vocab_size"] != tok.vocab_size:
-        raise SystemExit(f"error: {s['init_from']} has fast_vocab={init['fast_tokenizer']['vocab_size']}, not {tok.vocab_size}")
+        raise SystemExit(f"error: {s['init_from']} has fast_vocab={init['fast_tokenizer']['vocab_size']}, "
+                         f"not {tok.vocab_size}")
     n_fast = np.mean([len(tok.encode(c)) for c in chunks[:2000]])
     print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for per-dimension binning")
     # 3) toy VLM pretraining (or reuse)
@@ -1220,7 +1245,8 @@ def run(s, cfg):
         print(f"VLM weights from {s['init_from']} (VQA accuracy {vqa_before:.3f})")
     else:
         weights, vqa_before = pretrain_vlm(s, cfg, tok, data["vqa"], data["vqa_eval"])
-        print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes ({time.time() - t_start:.0f} s so far)")
+        print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes "
+              f"({time.time() - t_start:.0f} s so far)")
     load_vlm_weights(model, weights)
     data["probe_iters"] = 50 if not s["quick"] else 10
     data["probe_before"] = probe_accuracy(model.to(s["device"]), data["probe"], data["probe_iters"])
@@ -1244,7 +1270,8 @@ def run(s, cfg):
             print(f"{name:5s} seed {seed} | success {m['success']:.3f} | held-out combos {m['heldout_success']:.3f} | "
                   f"unseen colour {m['unseen_color_success']:.3f} | unseen wording {m['unseen_wording_success']:.3f} | "
                   f"FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | "
-                  f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
+                  f"VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | "
+                  f"{m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
         results.append(summarize(runs) if runs else None)
     if s["rank"] > 0:
         torch.distributed.barrier()  # until rank 0 has written everything
@@ -1257,8 +1284,8 @@ def run(s, cfg):
         if len(seeds) > 1:
             print(f"{r['runs'][0]['row']:5s} over {len(seeds)} seeds: " + " | ".join(
                 f"{name} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})" for k, name in
-                (("success", "success"), ("heldout_success", "held-out combos"), ("unseen_color_success", "unseen colour"),
-                 ("unseen_wording_success", "unseen wording"))))
+                (("success", "success"), ("heldout_success", "held-out combos"),
+                 ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))))
     out = results[0] if not s["compare"] else {"compare": results}
     with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
         json.dump(out, f, indent=2)
