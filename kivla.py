@@ -1078,8 +1078,9 @@ class KIVLA(nn.Module):
             kv = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in kv]  # expert is cheap next to it
             valid, actions = prefix_valid.repeat(n, 1), batch["actions"].repeat(n, 1, 1)  # (nB, Tp), (nB, H, A)
             noise = torch.randn_like(actions) if noise is None else noise.to(actions.device).repeat(n, 1, 1)
-            if time is None:  # tau ~ Beta(1.5, 1) on [0.001, 1]: more weight on noisy times (pi0 [2]); its CDF is
-                time = torch.rand(len(actions), device=actions.device) ** (1 / 1.5) * 0.999 + 0.001  # tau^1.5
+            if time is None:  # tau ~ Beta(1.5, 1) on [0.001, 1], more weight on noisy times (pi0 [2]): its CDF is
+                # tau^1.5, so tau = U^(1 / 1.5) for U uniform (one kernel, no sampler object inside the step)
+                time = torch.rand(len(actions), device=actions.device) ** (1 / 1.5) * 0.999 + 0.001
             else:
                 time = time.to(actions.device).repeat(n)
             tau = time[:, None, None]  # (nB, 1, 1)
