@@ -1127,6 +1127,11 @@ class KIVLA(nn.Module):
         """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens after
         "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly), on the model's device.
         stop_at_eos=False always decodes max_tokens (fair timing of an untrained model)."""
+        return self.decode_fast_tokens(self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
+
+    def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
+        """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are fixed and it
+        never reads a value back to Python, so it can be captured as one CUDA graph (train_toy.graphed_fast)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         vocab, dev = self.vocab, self.device
         max_tokens = max_tokens or self.cfg.suffix_len
@@ -1146,15 +1151,16 @@ class KIVLA(nn.Module):
             if use_cache:  # one new token attends to everything before it
                 T = Tp + 1 + out.shape[1]
                 mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
-                h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.tensor([T - 1], device=dev),
+                h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.full((1,), T - 1, device=dev),
                                          mask, cache)
             else:  # recompute the whole sequence: the reference the cache must match
                 seq = torch.cat([act, out], 1)
                 xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
                 h, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
-        return self._decode_fast(out)
+        return out
 
-    def _decode_fast(self, tokens):
+    def decode_fast_tokens(self, tokens):
+        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded, unnormalised."""
         acts, oks = [], []
         for row in tokens.tolist():
             ended = self.vocab.eos in row  # no "|" within max_tokens: malformed

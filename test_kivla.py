@@ -367,6 +367,20 @@ def test_ar_decoding_with_cache_equals_without(demo):
     b, vb = m.generate_fast_actions(batch, max_tokens=8, use_cache=False)
     assert a.shape == (len(obs), 10, 2) and va.dtype == torch.bool
     assert torch.allclose(a, b, atol=1e-6) and torch.equal(va, vb)
+    # the fixed-length loop (what a CUDA graph captures) decodes the same tokens, then goes on to exactly n
+    early, fixed_n = m.generate_fast_tokens(batch, 8), m.generate_fast_tokens(batch, 8, stop_at_eos=False)
+    assert fixed_n.shape == (len(obs), 8) and torch.equal(fixed_n[:, :early.shape[1]], early)
+
+
+def test_a_rows_actions_do_not_depend_on_the_other_rows(demo):
+    """What the CUDA rollouts rely on when they sample every env's row, the finished ones' included: the live
+    rows get the actions they would get alone (same noise)."""
+    obs, chunks, tok = demo
+    m = tiny(tok).eval()
+    noise = torch.randn(len(obs), 10, 2, generator=torch.Generator().manual_seed(0))
+    live = [0, 3, 7]
+    alone = m.sample_actions(m.make_batch([obs[i] for i in live]), 2, noise[live])
+    assert torch.allclose(m.sample_actions(m.make_batch(obs), 2, noise)[live], alone, atol=1e-5)
 
 
 def test_grouped_query_attention_equals_mha_with_shared_kv_heads(demo):
@@ -964,6 +978,13 @@ def test_every_path_runs_on_cuda(tmp_path, capsys):
     b = m.make_batch([kivla.PushEnv().reset(seed=0)[0]])
     assert m.sample_actions(b).device.type == m.predict_actions(b).device.type == "cuda"
     assert all(t.device.type == "cuda" for t in m.generate_fast_actions(b))
+    # the captured samplers compute what the eager ones compute
+    b8 = m.make_batch([kivla.PushEnv().reset(seed=i)[0] for i in range(8)])
+    z = torch.randn(8, m.cfg.action_horizon, m.cfg.action_dim, device="cuda")
+    assert torch.allclose(train_toy.graphed_sampler(m, b8, 3)(b8, z), m.sample_actions(b8, 3, z), atol=1e-4)
+    fast = kivla.KIVLA.from_checkpoint(tmp_path / "a" / "ckpt_fast.pt", device="cuda")
+    assert torch.allclose(train_toy.graphed_fast(fast, b8, 6)(b8)[0],
+                          fast.generate_fast_actions(b8, max_tokens=6, stop_at_eos=False)[0], atol=1e-4)
     train_toy.main(["--eval_only", f"--init_from={tmp_path / 'a' / 'ckpt_fast.pt'}", "--device=cuda",
                     f"--out_dir={tmp_path}"])
     train_toy.main(cuda + ["--figures", f"--out_dir={tmp_path / 'f'}"])

@@ -231,10 +231,12 @@ def vqa_accuracy(model, vqa_batch, bs=500):
 
 
 @torch.inference_mode()  # a little less bookkeeping per op than no_grad: rollouts are many small model calls
-def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0, reword=False, seed=0):
+def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0, reword=False, seed=0, graph=True):
     """Closed-loop episodes, all envs in lockstep so each model call is batched. reword: every episode's
     instruction said with SYNONYMS (the unseen-wording split), fixed per episode by its seed. The flow's noise
     comes from a generator of its own (seed): evaluating never moves the random stream that training draws from.
+    graph (CUDA, flow variants): every call samples all envs' rows, finished ones ignored, so one shape serves the
+    whole rollout and flow sampling runs as one captured CUDA graph (graphed_sampler).
     -> success per episode, seconds per action chunk, frames of the first `record` episodes."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -251,11 +253,18 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
     done, success = [False] * len(envs), [False] * len(envs)
     frames = [[e.render()] for e in envs[:record]]
     chunk_time, chunks = 0.0, 0
+    all_rows = graph and model.device.type == "cuda" and model.cfg.use_flow
+    sample = graphed_sampler(model, model.make_batch(obs), num_steps) if all_rows else None
     while not all(done):
         live = [i for i in range(len(envs)) if not done[i]]
         t0 = time.perf_counter()
         noise = torch.randn(len(live), H, A, generator=g)
-        actions = model.predict_actions(model.make_batch([obs[i] for i in live]), num_steps, noise).cpu().numpy()
+        if all_rows:
+            z = torch.zeros(len(envs), H, A)
+            z[live] = noise  # the live rows get the noise they would get alone
+            actions = sample(model.make_batch(obs), z)[live].cpu().numpy()
+        else:
+            actions = model.predict_actions(model.make_batch([obs[i] for i in live]), num_steps, noise).cpu().numpy()
         chunk_time, chunks = chunk_time + time.perf_counter() - t0, chunks + 1
         for j, i in enumerate(live):
             for a in actions[j, :replan]:
@@ -393,31 +402,49 @@ def latency(model, obs, num_steps, reps=20):
     return _median_time(lambda: sample(b), reps=reps)
 
 
-def graphed_sampler(model, batch, num_steps=10):
-    """-> sample(batch, noise=None): model.sample_actions for batches of this one shape. Speed trick for CUDA: the
-    prefix pass and the Euler steps are captured once as a CUDA graph and replayed with one launch (at batch 1 a
-    chunk is ~300 tiny kernels: launching them from Python is most of its time). Elsewhere the plain call."""
-    if model.device.type != "cuda" or isinstance(model.backbone, kivla.HFBackbone):
-        return lambda b, noise=None: model.sample_actions(b, num_steps, noise)
-    static = {k: v.to(model.device).clone() for k, v in batch.items()}
-    noise = torch.randn(len(static["text"]), model.cfg.action_horizon, model.cfg.action_dim, device=model.device)
+def captured(fn, batch, *tensors):
+    """Speed trick for CUDA: fn(batch, *tensors) captured once as a CUDA graph and replayed with one launch, for
+    inputs of these shapes (a batch-1 flow chunk is ~300 tiny kernels: launching them from Python is most of its
+    time). -> run(batch, *tensors), which copies its inputs into the graph's and replays it."""
+    static, extra = {k: v.clone() for k, v in batch.items()}, [x.clone() for x in tensors]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # capture needs a few eager calls first, on a side stream
         for _ in range(2):
-            model.sample_actions(static, num_steps, noise)
+            fn(static, *extra)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = model.sample_actions(static, num_steps, noise)
+        out = fn(static, *extra)
 
-    def sample(b, new_noise=None):
+    def run(b, *xs):
         for k, v in b.items():
             static[k].copy_(v)
-        noise.copy_(torch.randn_like(noise) if new_noise is None else new_noise)
+        for s, x in zip(extra, xs):
+            s.copy_(x)
         graph.replay()
         return out.clone()
-    return sample
+    return run
+
+
+def graphed_sampler(model, batch, num_steps=10):
+    """-> sample(batch, noise=None): model.sample_actions (the prefix pass and the Euler steps) for batches of this
+    one shape, as a CUDA graph on CUDA; elsewhere (and for a HuggingFace backbone) the plain call."""
+    dev = model.device
+    if dev.type != "cuda" or isinstance(model.backbone, kivla.HFBackbone):
+        return lambda b, noise=None: model.sample_actions(b, num_steps, noise)
+    shape = (len(batch["text"]), model.cfg.action_horizon, model.cfg.action_dim)
+    run = captured(lambda b, z: model.sample_actions(b, num_steps, z), batch, torch.randn(shape, device=dev))
+    return lambda b, noise=None: run(b, torch.randn(shape, device=dev) if noise is None else noise.to(dev))
+
+
+def graphed_fast(model, batch, n):
+    """-> decode(batch): greedy AR decoding of exactly n FAST tokens and their FAST decode, the token loop as one
+    CUDA graph on CUDA (so AR and flow are timed alike: both captured); elsewhere the plain call."""
+    if model.device.type != "cuda" or isinstance(model.backbone, kivla.HFBackbone):
+        return lambda b: model.generate_fast_actions(b, max_tokens=n, stop_at_eos=False)
+    run = captured(lambda b: model.generate_fast_tokens(b, n, stop_at_eos=False), batch)
+    return lambda b: model.decode_fast_tokens(run(b))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -790,7 +817,7 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
 
     def curve(ema, step):  # the flow noise of its rollouts comes from its own generator: training never notices
         ok, _, _ = rollouts(ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"],
-                            seed=CURVE_SEED)
+                            seed=CURVE_SEED, graph=s["cuda_graph"])
         history["eval"].append({"step": step, "success": float(ok.mean()), **diagnostics(ema, diag, s["num_steps"])})
         return history["eval"][-1]
 
@@ -801,7 +828,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         return None
     seeds, n_gif = range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["gif_episodes"]
     run = lambda tasks, record, reword=False: rollouts(ema, tasks, seeds, s["replan"], s["num_steps"],  # noqa: E731
-                                                       record=record, reword=reword, seed=EVAL_SEED)
+                                                       record=record, reword=reword, seed=EVAL_SEED,
+                                                       graph=s["cuda_graph"])
     ok_in, chunk_s, episodes = run(splits["train"], n_gif)  # the same seeds on every split
     ok_out, _, more = run(splits["heldout"], n_gif)
     ok_color, _, colored = (run(splits["unseen_color"], n_gif // 2) if splits["unseen_color"]
@@ -1008,7 +1036,8 @@ def bench(s, cfg):
                   f"CUDA graph {1000 * t_flow:.2f} ms")
         # the toy's own FAST length, then the lengths of real 1 s chunks of many-DoF robots (FAST: 30-60+)
         for n in (n_tok, 30, 60):
-            t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=n, stop_at_eos=False))
+            decode = graphed_fast(model, b, n)  # on CUDA captured too: the ratio compares two graphs
+            t_ar = _median_time(lambda: decode(b))
             out[(bs, n)] = (t_flow, t_ar)
             print(f"batch {bs:2d}: flow (10 Euler steps) {1000 * t_flow:6.1f} ms | AR FAST ({n:2d} tokens) "
                   f"{1000 * t_ar:6.1f} ms | AR / flow = {t_ar / t_flow:.1f}x")
@@ -1041,7 +1070,8 @@ def bench_paper_proportions(s, H=50, A=14, expert_width=80):
     b = model.make_batch([obs])
     sample = graphed_sampler(model, b, 10)
     t_flow = _median_time(lambda: sample(b))
-    t_ar = _median_time(lambda: model.generate_fast_actions(b, max_tokens=round(n_tok) + 1, stop_at_eos=False))
+    decode = graphed_fast(model, b, round(n_tok) + 1)
+    t_ar = _median_time(lambda: decode(b))
     print(f"paper proportions (random weights, batch 1): backbone {p['backbone (VLM)'] / 1e6:.1f}M vs expert "
           f"{p['action_expert'] / 1e6:.2f}M params ({p['backbone (VLM)'] / p['action_expert']:.1f}x), H={H} A={A}, "
           f"FAST {n_tok:.1f} tokens/chunk | flow (10 Euler steps) {1000 * t_flow:.1f} ms | AR FAST "
