@@ -936,8 +936,8 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tok):
 
 def test_the_training_step_and_flow_sampling_compile_without_graph_breaks(demo):
     """No data-dependent shapes and no host syncs in the step: for a batch that mixes robot and VQA rows,
-    torch.compile traces compute_loss of every variant, and sample_actions, as one graph each (what lets a GPU
-    replay the whole step as one CUDA graph). Checked with torch._dynamo.explain (tracing only, no compiling)."""
+    torch.compile traces compute_loss of every variant, sample_actions and fixed-length AR decoding as one graph
+    each (what lets a GPU replay them as CUDA graphs). Checked with torch._dynamo.explain (tracing only)."""
     obs, chunks, tok = demo
     for variant in kivla.VARIANTS:
         m = tiny(tok, variant)
@@ -946,6 +946,9 @@ def test_the_training_step_and_flow_sampling_compile_without_graph_breaks(demo):
         e = torch._dynamo.explain(m.compute_loss)(batch)
         assert e.graph_break_count == 0 and e.graph_count == 1, (variant, e.break_reasons)
     e = torch._dynamo.explain(m.eval().sample_actions)(batch)  # (the last model: fast; its expert is untrained)
+    assert e.graph_break_count == 0 and e.graph_count == 1, e.break_reasons
+    # and AR decoding of a fixed token count (what --bench captures on CUDA): one graph too
+    e = torch._dynamo.explain(lambda b: m.generate_fast_tokens(b, 4, stop_at_eos=False))(batch)
     assert e.graph_break_count == 0 and e.graph_count == 1, e.break_reasons
 
 

@@ -402,11 +402,12 @@ def latency(model, obs, num_steps, reps=20):
     return _median_time(lambda: sample(b), reps=reps)
 
 
-def captured(fn, batch, *tensors):
+def captured(fn, device, batch, *tensors):
     """Speed trick for CUDA: fn(batch, *tensors) captured once as a CUDA graph and replayed with one launch, for
     inputs of these shapes (a batch-1 flow chunk is ~300 tiny kernels: launching them from Python is most of its
-    time). -> run(batch, *tensors), which copies its inputs into the graph's and replays it."""
-    static, extra = {k: v.clone() for k, v in batch.items()}, [x.clone() for x in tensors]
+    time). -> run(batch, *tensors), which copies its inputs (CPU or GPU) into the graph's and replays it."""
+    static = {k: v.to(device).clone() for k, v in batch.items()}  # the graph's inputs live on the GPU
+    extra = [x.to(device).clone() for x in tensors]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # capture needs a few eager calls first, on a side stream
@@ -434,7 +435,7 @@ def graphed_sampler(model, batch, num_steps=10):
     if dev.type != "cuda" or isinstance(model.backbone, kivla.HFBackbone):
         return lambda b, noise=None: model.sample_actions(b, num_steps, noise)
     shape = (len(batch["text"]), model.cfg.action_horizon, model.cfg.action_dim)
-    run = captured(lambda b, z: model.sample_actions(b, num_steps, z), batch, torch.randn(shape, device=dev))
+    run = captured(lambda b, z: model.sample_actions(b, num_steps, z), dev, batch, torch.randn(shape, device=dev))
     return lambda b, noise=None: run(b, torch.randn(shape, device=dev) if noise is None else noise.to(dev))
 
 
@@ -443,7 +444,7 @@ def graphed_fast(model, batch, n):
     CUDA graph on CUDA (so AR and flow are timed alike: both captured); elsewhere the plain call."""
     if model.device.type != "cuda" or isinstance(model.backbone, kivla.HFBackbone):
         return lambda b: model.generate_fast_actions(b, max_tokens=n, stop_at_eos=False)
-    run = captured(lambda b: model.generate_fast_tokens(b, n, stop_at_eos=False), batch)
+    run = captured(lambda b: model.generate_fast_tokens(b, n, stop_at_eos=False), model.device, batch)
     return lambda b: model.decode_fast_tokens(run(b))
 
 
