@@ -702,9 +702,15 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     assert [r["runs"][0]["row"] for r in merged] == [name for name, _, _ in train_toy.COMPARE_ROWS]
     assert merged[0]["seeds"] == [0, 1, 2] and merged[3]["seeds"] == [0, 1]
     assert merged[0]["success"] == pytest.approx(np.mean([x["success"] for x in ki["runs"] + c["compare"][0]["runs"]]))
-    assert "| ki | 0,1,2 |" in (tmp_path / "m" / "compare.md").read_text() and (tmp_path / "m" / "compare.png").exists()
+    md = (tmp_path / "m" / "compare.md").read_text()
+    assert "| ki | 0,1,2 |" in md and "unseen colour purple" in md and (tmp_path / "m" / "compare.png").exists()
     with pytest.raises(SystemExit, match="ki seed 2 is in more than one run"):
         train_toy.main([f"--merge={tmp_path / 'c'},{tmp_path / 'c'}", f"--out_dir={tmp_path / 'm'}"])
+    green = json.loads((tmp_path / "c" / "metrics.json").read_text().replace('"purple"', '"green"'))
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "metrics.json").write_text(json.dumps(green))  # seed 2 again, as if held out green
+    with pytest.raises(SystemExit, match="differ in .train_steps, eval_episodes, unseen_color"):
+        train_toy.main([f"--merge={tmp_path / 'a'},{tmp_path / 'g'}", f"--out_dir={tmp_path / 'm'}"])
     with pytest.raises(SystemExit, match="--variants picks rows of --compare"):
         train_toy.parse_args(["--variants=ki"])
     with pytest.raises(SystemExit, match="unknown rows"):

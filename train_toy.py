@@ -1132,7 +1132,8 @@ def write_compare(results, s, path_md, path_png):
     r0 = results[0]
     head = [h.format(**r0) for _, h, _ in COMPARE_COLUMNS]
     lines = [f"Robot training from one pretrained toy VLM, {s['train_steps']} steps, {s['eval_episodes']} held-out "
-             "evaluation episodes per split; mean ± std over the training seeds of each row.", "",
+             f"evaluation episodes per split, unseen colour {r0['runs'][0]['unseen_color'] or 'none'}; mean ± std "
+             "over the training seeds of each row.", "",
              "| variant | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|",
              "| claim | | " + " | ".join(c for _, _, c in COMPARE_COLUMNS) + " |"]
     for r in results:
@@ -1192,12 +1193,13 @@ def merge(s):
             if any(x["seed"] == run["seed"] for x in runs):
                 raise SystemExit(f"error: --merge: row {run['row']} seed {run['seed']} is in more than one run")
             runs.append({**run, "from": d})
-    budgets = {(x["train_steps"], x["eval_episodes"]) for runs in rows.values() for x in runs}
+    budgets = {(x["train_steps"], x["eval_episodes"], x["unseen_color"]) for runs in rows.values() for x in runs}
     if len(budgets) > 1:
-        raise SystemExit(f"error: --merge: the runs differ in (train_steps, eval_episodes): {sorted(budgets)}")
+        raise SystemExit(f"error: --merge: the runs differ in (train_steps, eval_episodes, unseen_color): "
+                         f"{sorted(budgets)}")
     order = [name for name, _, _ in COMPARE_ROWS]
     results = [summarize(rows[k]) for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))]
-    (steps, episodes), = budgets
+    (steps, episodes, _), = budgets
     os.makedirs(s["out_dir"], exist_ok=True)
     write_compare(results, {**s, "train_steps": steps, "eval_episodes": episodes},
                   os.path.join(s["out_dir"], "compare.md"), os.path.join(s["out_dir"], "compare.png"))
