@@ -948,6 +948,10 @@ class KIVLA(nn.Module):
                                   for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
         self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
         self.action_norm, self.state_norm = action_norm, state_norm
+        if action_norm is not None:  # its inverse on the model's device (the samplers undo it without a host copy)
+            mid, scale = (torch.tensor(x) for x in ((action_norm.lo + action_norm.hi) / 2, action_norm.scale))  # (A,)
+            self.register_buffer("action_mid", mid, persistent=False)  # not saved: the checkpoint keeps the norm
+            self.register_buffer("action_scale", scale, persistent=False)
         if backbone is None:
             self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
             self.backbone = Backbone(cfg, self.vocab)
@@ -1120,7 +1124,7 @@ class KIVLA(nn.Module):
     def _unnormalize(self, actions):
         if self.action_norm is None:
             return actions
-        return torch.from_numpy(self.action_norm.inverse(actions.cpu().numpy())).to(actions.device)
+        return (actions.double() * self.action_scale + self.action_mid).float()  # QuantileNorm.inverse, in float64
 
     @torch.no_grad()
     def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
@@ -1129,6 +1133,7 @@ class KIVLA(nn.Module):
         stop_at_eos=False always decodes max_tokens (fair timing of an untrained model)."""
         return self.decode_fast_tokens(self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
 
+    @torch.no_grad()
     def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
         """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are fixed and it
         never reads a value back to Python, so it can be captured as one CUDA graph (train_toy.graphed_fast)."""

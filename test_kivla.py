@@ -990,7 +990,11 @@ def test_every_path_runs_on_cuda(tmp_path, capsys):
     # the captured samplers compute what the eager ones compute
     b8 = m.make_batch([kivla.PushEnv().reset(seed=i)[0] for i in range(8)])
     z = torch.randn(8, m.cfg.action_horizon, m.cfg.action_dim, device="cuda")
+    rng = torch.cuda.get_rng_state()
     assert torch.allclose(train_toy.graphed_sampler(m, b8, 3)(b8, z), m.sample_actions(b8, 3, z), atol=1e-4)
+    assert torch.equal(torch.cuda.get_rng_state(), rng), "capturing for evaluation moved training's noise"
+    normed = kivla.KIVLA(m.cfg, m.fast_tokenizer, action_norm=kivla.QuantileNorm([-5, 0], [5, 2])).to("cuda").eval()
+    assert torch.allclose(train_toy.graphed_sampler(normed, b8, 3)(b8, z), normed.sample_actions(b8, 3, z), atol=1e-4)
     fast = kivla.KIVLA.from_checkpoint(tmp_path / "a" / "ckpt_fast.pt", device="cuda")
     assert torch.allclose(train_toy.graphed_fast(fast, b8, 6)(b8)[0],
                           fast.generate_fast_actions(b8, max_tokens=6, stop_at_eos=False)[0], atol=1e-4)

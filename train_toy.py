@@ -393,11 +393,13 @@ def _median_time(fn, reps=15):
 
 
 def latency(model, obs, num_steps, reps=20):
-    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding; on CUDA, flow
-    sampling replayed as a CUDA graph)."""
+    """Median seconds per action chunk at batch 1 (prefix encode + the variant's own decoding; on CUDA both
+    replayed as a CUDA graph: the flow's Euler steps, or AR decoding of as many tokens as this chunk takes)."""
     b = model.make_batch([obs])
     if model.cfg.variant == "fast":
-        return _median_time(lambda: model.predict_actions(b, num_steps), reps=reps)
+        n = model.generate_fast_tokens(b).shape[1]  # greedy decoding up to and including "|"
+        decode = graphed_fast(model, b, n)
+        return _median_time(lambda: decode(b), reps=reps)
     sample = graphed_sampler(model, b, num_steps)
     return _median_time(lambda: sample(b), reps=reps)
 
@@ -435,7 +437,7 @@ def graphed_sampler(model, batch, num_steps=10):
     if dev.type != "cuda" or isinstance(model.backbone, kivla.HFBackbone):
         return lambda b, noise=None: model.sample_actions(b, num_steps, noise)
     shape = (len(batch["text"]), model.cfg.action_horizon, model.cfg.action_dim)
-    run = captured(lambda b, z: model.sample_actions(b, num_steps, z), dev, batch, torch.randn(shape, device=dev))
+    run = captured(lambda b, z: model.sample_actions(b, num_steps, z), dev, batch, torch.zeros(shape, device=dev))
     return lambda b, noise=None: run(b, torch.randn(shape, device=dev) if noise is None else noise.to(dev))
 
 
@@ -659,7 +661,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
     if s["world"] > 1:  # DDP averages the gradients inside backward (and first copies rank 0's weights to all)
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not model.cfg.use_flow)
     elif s["compile"]:
-        net = torch.compile(model)
+        net = torch.compile(model, dynamic=False)  # a recompile per suffix length, not symbolic shapes
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     # the learning rate and the EMA's weight are tensors: a captured CUDA graph reads their current values
@@ -910,7 +912,8 @@ def eval_only(s):
         print(f"instruction: {text!r} -> task {tasks if tasks != 'all' else '(not parsed: success not meaningful)'}")
     torch.manual_seed(s["seed"])
     n = s["gif_episodes"] * 2
-    ok, _, eps = rollouts(model, tasks, range(EVAL_SEED, EVAL_SEED + n), s["replan"], s["num_steps"], text or None, n)
+    ok, _, eps = rollouts(model, tasks, range(EVAL_SEED, EVAL_SEED + n), s["replan"], s["num_steps"], text or None, n,
+                          graph=s["cuda_graph"])
     os.makedirs(s["out_dir"], exist_ok=True)
     path = os.path.join(s["out_dir"], "try.gif")
     write_gif(eps, path)
@@ -948,11 +951,11 @@ def bench_gpu_step(s, model, robot, vqa, n=20):
     (torch.profiler over 2n minus n steps), eager and captured; then samples/s at batch 64 and at the largest
     batch (doubling) whose step takes under 2x the batch-64 step."""
     from torch.profiler import ProfilerActivity, profile
-    for graph in (False, True):
+    for graph in (False, True) if s["backbone"] == "toy" else (False,):  # train() captures the toy only
         counts = []
         for steps in (n, 2 * n):
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the GPU's events only: less to parse
                 t0 = time.perf_counter()
                 train(model, {**s, "cuda_graph": graph}, robot, vqa, steps, s["vqa_frac"], "bench profile")
                 torch.cuda.synchronize()
@@ -1001,7 +1004,8 @@ def bench(s, cfg):
     # training speed in the default job's conditions, next to a plain matmul on the same machine: the
     # steps/s vary 2-4x between machines of one kind; steps/s per matmul GFLOP/s should vary far less
     (sps, trained), gflops = train_speed(s, cfg, tok, obs, chunks), matmul_gflops(s["device"])
-    layout = "CUDA graph" if s["device"] == "cuda" and s["cuda_graph"] else f"{torch.get_num_threads()} threads"
+    graphed = s["device"] == "cuda" and s["cuda_graph"] and s["backbone"] == "toy"
+    layout = "CUDA graph" if graphed else "eager" if s["device"] == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"train: {sps:.2f} steps/s ({cfg.variant}, batch {s['batch_size']}, {s['device']}, {layout}) | "
           f"matmul 1024^3 fp32 {gflops:.0f} GFLOP/s | {1000 * sps / gflops:.1f} "
           f"steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
@@ -1105,7 +1109,7 @@ def estimate_compare_time(s, cfg, tok, data, n_runs):
     train(m, {**s, "seed": 0}, robot, data["vqa"], 5, s["vqa_frac"], "estimate")
     sps = 5 / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    rollouts(m, "train", range(2), s["replan"], s["num_steps"])
+    rollouts(m, "train", range(2), s["replan"], s["num_steps"], graph=s["cuda_graph"])
     per_episode = (time.perf_counter() - t0) / 2 / 4  # episodes run in lockstep batches: ~4x cheaper at 100+
     n_eval = 4 * s["eval_episodes"] + min(50, s["eval_episodes"]) * ((s["train_steps"] - 1) // s["eval_interval"])
     minutes = n_runs * (s["train_steps"] / sps + n_eval * per_episode) / 60
@@ -1233,9 +1237,8 @@ def main(argv):
 def deterministic(s):
     """Same seed, same numbers (on one CPU): deterministic algorithms only, but without also filling every new
     tensor with NaN (fill_uninitialized_memory), which no correct op reads and which costs ~2.5% of a CPU step."""
-    if s["device"] == "cpu":
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.use_deterministic_algorithms(s["device"] == "cpu")  # reset too: a CUDA run after a CPU one
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def run(s, cfg):
