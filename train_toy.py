@@ -67,7 +67,7 @@ SETTINGS = dict(
     fast_scale=4.0,         # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
-    pretrain_steps=1000,    # toy VLM pretraining steps (VQA only), per block
+    pretrain_steps=1500,    # toy VLM pretraining steps (VQA only), per block (1000: most draws still climbing)
     pretrain_min_vqa=0.7,   # a VLM under this held-out VQA accuracy grounds words poorly: restart (README)
     pretrain_blocks=4,      # at most this many pretraining blocks (the first + restarts)
     train_steps=3000,       # robot training steps
