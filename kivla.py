@@ -757,11 +757,15 @@ class ToyStem(nn.Module):
             if cfg.film_stem and self.hidden else None  # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
 
     def forward(self, image, text, text_valid):
-        x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        x = image.float() / 127.5 - 1.0  # (B, S, S, 3) in [-1, 1]
         if self.coord:
-            B, _, S, _ = x.shape
-            c = torch.linspace(-1, 1, S, device=x.device).expand(B, 1, S, S)  # (B, 1, S, S): x, left to right
-            x = torch.cat([x, c, c.transpose(2, 3)], 1)  # (B, 5, S, S): RGB | x | y
+            B, S = x.shape[:2]
+            c = torch.linspace(-1, 1, S, device=x.device)
+            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2): x left to right, y top to bottom
+            x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
+        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's conv kernels
+        # (oneDNN) run fastest on: the stem's convolutions are the largest single cost of a CPU training step
+        x = x.permute(0, 3, 1, 2)
         if self.film is not None:
             m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
             film = ((F.embedding(text, self.film) * m).sum(1)

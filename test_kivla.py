@@ -497,6 +497,29 @@ def test_overfit_a_handful_of_samples(demo):
     assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 4
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tunes glibc's malloc")
+def test_kept_freed_memory_means_cpu_training_steps_without_page_faults(demo):
+    import resource
+    obs, chunks, tok = demo
+    torch.manual_seed(0)
+    m = kivla.KIVLA(kivla.Config(), tok)  # the default sizes: activations of a few MB, as in train_toy.py
+    batch = m.make_batch(obs * 7, np.concatenate([chunks] * 7))  # 70 rows
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    train_toy.keep_freed_memory()
+
+    def step():
+        opt.zero_grad()
+        m.compute_loss(batch)[0].backward()
+        opt.step()
+    for _ in range(2):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        step()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+    assert faults < 300, f"{faults:.0f} page faults a step (glibc's default: thousands)"
+
+
 def test_checkpoint_round_trip(demo, tmp_path):
     obs, chunks, tok = demo
     m = tiny(tok).eval()
@@ -915,6 +938,7 @@ def test_coord_stem_feeds_each_pixels_x_and_y_beside_rgb(stem):
     assert vit(img, text, valid).shape == (2, 16, cfg.d_model)
     x = seen[0]  # (B, 5, S, S)
     assert x.shape == (2, 5, 64, 64) and torch.equal(x[:, :3], img.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert x.is_contiguous(memory_format=torch.channels_last), "the layout the CPU's conv kernels are fastest on"
     ramp = torch.linspace(-1, 1, 64)
     assert torch.equal(x[:, 3], ramp.expand(2, 64, 64)), "channel 3 is x: left (-1) to right (+1), as the env's x"
     assert torch.equal(x[:, 4], ramp[:, None].expand(2, 64, 64)), "channel 4 is y: top (-1) to bottom (+1)"
