@@ -497,29 +497,6 @@ def test_overfit_a_handful_of_samples(demo):
     assert last["ce_loss"] < first["ce_loss"] / 10 and last["flow_loss"] < first["flow_loss"] / 4
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tunes glibc's malloc")
-def test_kept_freed_memory_means_cpu_training_steps_without_page_faults(demo):
-    import resource
-    obs, chunks, tok = demo
-    torch.manual_seed(0)
-    m = kivla.KIVLA(kivla.Config(), tok)  # the default sizes: activations of a few MB, as in train_toy.py
-    batch = m.make_batch(obs * 7, np.concatenate([chunks] * 7))  # 70 rows
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    train_toy.keep_freed_memory()
-
-    def step():
-        opt.zero_grad()
-        m.compute_loss(batch)[0].backward()
-        opt.step()
-    for _ in range(2):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        step()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
-    assert faults < 300, f"{faults:.0f} page faults a step (glibc's default: thousands)"
-
-
 def test_checkpoint_round_trip(demo, tmp_path):
     obs, chunks, tok = demo
     m = tiny(tok).eval()

@@ -24,7 +24,6 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU or 
 
 import contextlib
 import copy
-import ctypes
 import io
 import json
 import math
@@ -1242,21 +1241,9 @@ def deterministic(s):
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def keep_freed_memory():
-    """CPU speed (~5% of a training step; glibc, i.e. Linux): glibc hands a freed block of a few MB back to the
-    OS, so every step's activations page-fault their memory in afresh (~10,000 faults a step). Keeping freed memory
-    for reuse, as PyTorch's caching allocator does on a GPU, removes the faults; the numbers do not change."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):  # not glibc (e.g. musl): nothing to tune
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap, not mmap
-            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of returning it
-
-
 def run(s, cfg):
     torch.manual_seed(s["seed"])
     deterministic(s)
-    keep_freed_memory()
     if s["eval_only"]:
         return eval_only(s)
     if s["merge"]:
