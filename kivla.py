@@ -765,7 +765,7 @@ class ToyStem(nn.Module):
             x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
         # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's conv kernels
         # (oneDNN) run fastest on: the stem's convolutions are the largest single cost of a CPU training step
-        x = x.permute(0, 3, 1, 2)
+        x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
         if self.film is not None:
             m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
             film = ((F.embedding(text, self.film) * m).sum(1)
