@@ -699,7 +699,7 @@ class Block(nn.Module):
     def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
         """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
         rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
-        mask: bool (B, 1, T, Tpast + T), True = may attend.
+        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the expert, decoding).
         past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for the action
         expert, the backbone's prefix keys/values of the same layer (the mixture of transformers).
         cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
@@ -1023,7 +1023,7 @@ class KIVLA(nn.Module):
                 out["actions"][i], out["has_actions"][i] = actions[i], True
                 if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
                     seq = [vocab.action] + [vocab.fast_offset + t for t in fast[i]] + [vocab.eos]
-            if seq:
+            if seq:  # next-token prediction: inputs seq[:-1], targets seq[1:] ("Action:" only in, "|" only out)
                 out["suffix"][i, :len(seq) - 1] = seq[:-1]
                 out["suffix_target"][i, :len(seq) - 1] = seq[1:]
         batch = {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}

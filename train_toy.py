@@ -162,7 +162,7 @@ def collect_demos(n, H, noise, seed, tasks="train"):
     """Expert rollouts on the training tasks -> observations, (N, H, A) clean action chunks, task per sample.
     A chunk that runs past the episode's end is padded with zeros: after success the pusher stays put."""
     env, rng = kivla.PushEnv(tasks=tasks), np.random.default_rng(seed)
-    obs_all, chunks, tasks, success = [], [], [], 0
+    obs_all, chunks, sample_tasks, success = [], [], [], 0
     for ep in tqdm(range(n), desc="demos", leave=False):
         obs, _ = env.reset(seed=seed + ep)
         episode, acts = [], []
@@ -174,12 +174,12 @@ def collect_demos(n, H, noise, seed, tasks="train"):
             if term or trunc:
                 break
         success += info["success"]
-        acts = np.concatenate([np.array(acts), np.zeros((H, 2), np.float32)])
+        acts = np.concatenate([np.array(acts), np.zeros((H, acts[0].shape[0]), np.float32)])
         for t, o in enumerate(episode):
             obs_all.append(o)
             chunks.append(acts[t:t + H])
-            tasks.append((env.color, env.corner))
-    return obs_all, np.array(chunks, np.float32), tasks, success / n
+            sample_tasks.append((env.color, env.corner))
+    return obs_all, np.array(chunks, np.float32), sample_tasks, success / n
 
 
 def make_vqa_set(n, seed):
@@ -282,7 +282,7 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
 
 @torch.no_grad()
 def diagnostics(model, diag, num_steps, seed=0):
-    """Two cheap measures on held-out demo states (clean expert labels), to steer training by:
+    """Three cheap measures on held-out demo states (clean expert labels), to steer training by:
     teacher-forced FAST token accuracy (what the backbone learned about actions; NaN for pi0) and the
     policy's first-action mean squared error (what the robot will do next; 0.47 for always predicting 0),
     and the share of greedy AR FAST decodes that needed fixing (wrong length, stray ids, no "|"): the `fast`
@@ -618,7 +618,7 @@ def write_gif(episodes, path):
 
 
 def lr_at(step, s):
-    """1) linear warmup, 2) cosine decay to lr * min_lr_frac."""
+    """1) linear warmup, 2) cosine decay to lr * min_lr_frac (min_lr_frac = 1: constant after the warm-up)."""
     if step < s["warmup_steps"]:
         return s["lr"] * (step + 1) / s["warmup_steps"]
     frac = (step - s["warmup_steps"]) / max(1, s["total"] - s["warmup_steps"])
@@ -647,8 +647,8 @@ def trim_suffix(*datasets):
 
 
 def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
-    """AdamW + warmup/cosine + grad clipping + EMA. robot/vqa: datasets (dicts of tensors) to sample batches from.
-    Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (used for evaluation)."""
+    """AdamW + warmup/cosine (lr_at) + grad clipping + EMA. robot/vqa: datasets (dicts of tensors) to sample batches
+    from. Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (for evaluation)."""
     dev = model.device
     robot, vqa = trim_suffix(robot, vqa)
     robot = {k: v.to(dev) for k, v in robot.items()} if robot is not None else None  # batches are drawn on the device
@@ -693,7 +693,8 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
         parts += [index(vqa, torch.randint(len(vqa["text"]), (n_vqa,), generator=g, device=dev))] if n_vqa else []
         batch = cat(*parts)
         lr.fill_(lr_at(step, {**s, "total": steps}))
-        ema_w.fill_(1 - min(s["ema"], (1 + step) / (10 + step)))  # a short warm-up of the EMA itself
+        # ema_w = 1 - decay; the decay ramps 0.1 -> s["ema"], so early on the EMA follows the model, not its random init
+        ema_w.fill_(1 - min(s["ema"], (1 + step) / (10 + step)))
         if run_step is not None:
             m = run_step(batch)
         else:
@@ -884,8 +885,8 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
         torch.manual_seed(s["seed"] + 1000 * block)
         model = build_model(s, kivla.Config(**{**asdict(cfg), "variant": "fast"}), tok).to(s["device"])
         desc = "VLM pretraining (VQA)" + (f", restart {block}" if block else "")
-        ema = train(model, {**s, "lr": s["pretrain_lr"], "min_lr_frac": 1.0, "seed": s["seed"] + block}, None, vqa,
-                    s["pretrain_steps"], 1.0, desc)  # min_lr_frac 1: no decay after the warm-up
+        s_pre = {**s, "lr": s["pretrain_lr"], "min_lr_frac": 1.0, "seed": s["seed"] + block}  # 1: no decay
+        ema = train(model, s_pre, robot=None, vqa=vqa, steps=s["pretrain_steps"], vqa_frac=1.0, desc=desc)
         acc = vqa_accuracy(ema, vqa_eval)  # on every rank (the same weights): they agree on going on
         if block == 0 or acc > best[1]:
             best = ema, acc
@@ -994,8 +995,8 @@ def matmul_gflops(device, n=1024):
 
 def bench(s, cfg):
     """The numbers in the README: FAST compression, env throughput, flow sampling vs AR FAST decoding."""
-    torch.set_num_threads(torch.get_num_threads())
-    obs, chunks, _, _ = collect_demos(300, cfg.action_horizon, s["demo_noise"], s["seed"])
+    obs, chunks, _, _ = collect_demos(300, cfg.action_horizon, s["demo_noise"], s["seed"],
+                                      kivla.task_splits(s["unseen_color"])["train"])
     t0 = time.perf_counter()
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(
         np.tile(chunks, (10000 // len(chunks) + 1, 1, 1))[:10000])
