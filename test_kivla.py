@@ -869,6 +869,26 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
         train_toy.load_vlm_weights(m, ck["model"])
 
 
+def test_vlm_pretraining_holds_its_learning_rate_after_the_warm_up_and_robot_training_decays(demo, tmp_path,
+                                                                                             monkeypatch):
+    """Pretraining: linear warm-up, then pretrain_lr constant (a cosine slowed the climb off the grounding plateau);
+    robot training: warm-up, then a cosine down to lr * min_lr_frac."""
+    obs, chunks, tok = demo
+    s, cfg = train_toy.parse_args(TINY_RUN + [f"--out_dir={tmp_path}", "--pretrain_min_vqa=0"])
+    s.update(rank=0, world=1, device="cpu")
+    seen = []
+    monkeypatch.setattr(train_toy, "train", lambda model, s_, **kw: seen.append((s_, kw["steps"])) or model.eval())
+    train_toy.pretrain_vlm(s, kivla.Config(**{**asdict(cfg), **TINY}), tok, None, tiny(tok).make_batch(
+        train_toy.make_vqa_set(8, 0)))
+    (s_pre, steps), = seen
+    assert steps == s["pretrain_steps"]
+    lr = [train_toy.lr_at(k, {**s_pre, "total": 1000, "warmup_steps": 200}) for k in range(1000)]
+    assert lr[0] < lr[100] < lr[199] == s["pretrain_lr"] and set(lr[199:]) == {s["pretrain_lr"]}
+    robot = [train_toy.lr_at(k, {**s, "total": 1000, "warmup_steps": 200}) for k in range(1001)]
+    assert robot[199] == s["lr"] and robot[1000] == pytest.approx(s["lr"] * s["min_lr_frac"])
+    assert all(a >= b for a, b in zip(robot[199:], robot[200:]))
+
+
 @pytest.mark.parametrize("min_vqa, blocks", [(0.0, 1), (1.01, 2)])
 def test_a_vlm_still_on_the_grounding_plateau_is_restarted_from_a_fresh_init(demo, tmp_path, monkeypatch, min_vqa,
                                                                              blocks):
