@@ -1060,7 +1060,14 @@ class KIVLA(nn.Module):
         """loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
         noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
         -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you log: reading
-        one waits for the device, so the training loop does it every few steps, not every step).
+        one waits for the device, so the training loop does it every few steps, not every step)."""
+        ce, flow = self.loss_terms(batch, noise, time)
+        # (no flow term without an expert: a constant 0 added to ce made inductor drop the loss's grad, torch 2.13)
+        loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce
+        return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
+
+    def loss_terms(self, batch, noise=None, time=None):
+        """The two terms of the loss, each a 0-d tensor with its graph: -> ce, flow (flow = 0 without an expert).
         Every shape here is fixed by the batch's shape, whatever its mix of robot and VQA rows: masks instead
         of boolean indexing, so the step runs as one graph (torch.compile, CUDA graphs) with no host syncs."""
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
@@ -1097,9 +1104,7 @@ class KIVLA(nn.Module):
             v = self._expert(x_tau, time, kv, valid)  # (nB, H, A)
             r = batch["has_actions"].float().repeat(n)  # (nB,): VQA rows have no actions to learn
             flow = (((v.float() - u) ** 2).mean((1, 2)) * r).sum() / r.sum().clamp(min=1)
-        # (no flow term without an expert: a constant 0 added to ce made inductor drop the loss's grad, torch 2.13)
-        loss = ce + cfg.flow_weight * flow if cfg.use_flow else ce
-        return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
+        return ce, flow
 
     def _check_no_fast_tokens(self, batch):
         if (batch["suffix"] >= self.vocab.fast_offset).any():

@@ -399,7 +399,8 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads(demo):
     kv, valid = gqa.backbone_prefix_kv(batch)
     assert kv[0][0].shape == (len(obs), 1, valid.shape[1], hs), "the cache holds one key/value head"
     noise, time = fixed(batch)
-    assert gqa.compute_loss(batch, noise, time)[1] == pytest.approx(mha.compute_loss(batch, noise, time)[1], rel=1e-5)
+    got, want = gqa.compute_loss(batch, noise, time)[1], mha.compute_loss(batch, noise, time)[1]
+    assert {k: v.item() for k, v in got.items()} == pytest.approx({k: v.item() for k, v in want.items()}, rel=1e-5)
     assert torch.allclose(gqa.sample_actions(batch, 3, noise), mha.sample_actions(batch, 3, noise), atol=1e-5)
     g = flow_only_grads(tiny(tok, n_kv_head=1), batch)  # insulation holds with grouped heads too
     assert all(is_zero(v) for n, v in g.items() if n.startswith("backbone."))
@@ -449,7 +450,7 @@ def test_variants_losses(demo):
         m.compute_loss(tiny(tok, "ki").make_batch(obs[:6], chunks[:6]))
     m = tiny(tok, "ki", flow_weight=0.0)
     loss, metrics = m.compute_loss(m.make_batch(obs, chunks))
-    assert loss.item() == pytest.approx(metrics["ce_loss"]) and metrics["flow_loss"] > 0
+    assert loss.item() == pytest.approx(metrics["ce_loss"].item()) and metrics["flow_loss"] > 0
 
 
 def test_make_batch_shapes_and_errors(demo):
@@ -646,7 +647,8 @@ TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--tr
             "--device=cpu"]  # same seed, same numbers: on one CPU
 
 
-TIMING = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "run_time_s", "wall_time_s")
+TIMING = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "run_time_s", "wall_time_s",
+          "watch_time_s")
 
 
 def untimed(m):
@@ -760,8 +762,8 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
     # after pretraining and robot training
     assert r.stdout.count("data parallel: parameters identical on all 2 ranks") == 2
     assert r.stdout.count("ki    seed 0 | success") == 1 and r.stdout.count("parameters: backbone") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "history.json", "metrics.json",
-                                                     "pretrained.pt", "rollouts.gif"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "history.json", "interference.png",
+                                                     "metrics.json", "pretrained.pt", "rollouts.gif"]
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["success"] <= 1 and np.isfinite(m["first_action_mse"]) and 0 <= m["fast_token_acc"] <= 1
     ck = kivla.KIVLA.from_checkpoint(out / "ckpt.pt")  # what --eval_only loads

@@ -95,6 +95,7 @@ SCALE_GPU = dict(batch_size=256, patch_size=8, vit_width=128, vit_layers=4, d_mo
                  n_head=8, head_dim=32, expert_width=128)
 CHOICES = dict(backbone=("toy", "hf-tiny"), scale=("cpu", "gpu"), unseen_color=("", *kivla.COLORS))
 EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED, PROBE_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000
+INTERFERENCE_SEED = 6_000_000
 # --compare: every variant from the same pretrained VLM, plus ki and joint without VQA co-training, which
 # separates the effect of the stop-gradient from the effect of co-training. (name, variant, setting overrides)
 COMPARE_ROWS = [("ki", "ki", {}), ("joint", "joint", {}), ("pi0", "pi0", {}), ("fast", "fast", {}),
@@ -341,19 +342,63 @@ def probe_accuracy(model, probe, iters=50):
         a, b = tr_kind == k, te_kind == k
         if not a.any() or not b.any():
             continue
-        lin = torch.nn.Linear(ftr.shape[1], int(tr_y.max()) + 1)
-        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
-        opt = torch.optim.LBFGS(lin.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+        # zeros, not nn.Linear's random init: probing during training must not draw from its random stream
+        w, bias = torch.zeros(int(tr_y.max()) + 1, ftr.shape[1], requires_grad=True), torch.zeros(
+            int(tr_y.max()) + 1, requires_grad=True)
+        lin = lambda f: torch.nn.functional.linear(f, w, bias)  # noqa: E731
+        opt = torch.optim.LBFGS([w, bias], max_iter=iters, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(lin(ftr[a]), tr_y[a]) + 1e-3 * lin.weight.pow(2).sum()
+            loss = torch.nn.functional.cross_entropy(lin(ftr[a]), tr_y[a]) + 1e-3 * w.pow(2).sum()
             loss.backward()
             return loss
         opt.step(closure)
         with torch.no_grad():
             accs.append((lin(fte[b]).argmax(-1) == te_y[b]).float().mean().item())
     return float(np.mean(accs))
+
+
+def interference_batch(robot, vqa, n, vqa_frac, cfg, seed=INTERFERENCE_SEED):
+    """One fixed batch in training's mix (n rows, vqa_frac of them VQA) and its flow noise and time, drawn
+    with a generator of its own: the batch `interference` measures on at every watched step."""
+    g = torch.Generator().manual_seed(seed)
+    n_vqa = round(n * vqa_frac)
+    pick = lambda d, k: index(d, torch.randint(len(d["text"]), (k,), generator=g))  # noqa: E731
+    batch = cat(*([pick(robot, n - n_vqa)] if n > n_vqa else []), *([pick(vqa, n_vqa)] if n_vqa else []))
+    noise = torch.randn(n, cfg.action_horizon, cfg.action_dim, generator=g)
+    time = torch.rand(n, generator=g) ** (1 / 1.5) * 0.999 + 0.001  # tau ~ Beta(1.5, 1), as in training
+    return batch, noise, time
+
+
+def interference(model, batch, noise, time):
+    """Gradient interference, the problem knowledge insulation solves [1]: on one fixed batch, the gradient each
+    term of the loss sends into the VLM's parameters (ViT + backbone): ce_grad = |d CE / d VLM|, flow_grad =
+    |d (flow_weight * flow) / d VLM| (exactly 0 for ki: the stop-gradient), and their cosine (0 if either is 0).
+    noise and time are given, so no random number is drawn: training's random stream never notices."""
+    model.train()
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    ce, flow = model.loss_terms(batch, noise, time)
+    flat = lambda gs: torch.cat([g.flatten().float() for g in gs])  # noqa: E731
+    g_ce = flat(torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True, materialize_grads=True))
+    g_flow = torch.zeros_like(g_ce)
+    if model.cfg.use_flow and model.cfg.flow_weight > 0:
+        g_flow = flat(torch.autograd.grad(model.cfg.flow_weight * flow, params, allow_unused=True,
+                                          materialize_grads=True))
+    n_ce, n_flow = g_ce.norm(), g_flow.norm()
+    cos = (g_ce @ g_flow) / (n_ce * n_flow) if n_ce > 0 and n_flow > 0 else torch.zeros(())
+    return {"ce_grad": n_ce.item(), "flow_grad": n_flow.item(), "grad_cos": cos.item()}
+
+
+def watch_summary(watched):
+    """The watched steps in four numbers: the flow term's gradient into the VLM relative to the CE's and their
+    cosine (means over the watched steps after step 0), and the lowest VQA and probe accuracy of the training
+    weights (what damage would lower)."""
+    w = [r for r in watched if r["step"] > 0] or watched
+    return {"flow_to_ce_grad": float(np.mean([r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w])),
+            "grad_cos": float(np.mean([r["grad_cos"] for r in w])),
+            "vqa_acc_min_train": min(r["vqa_acc"] for r in watched),
+            "probe_acc_min_train": min(r["probe_acc"] for r in watched)}
 
 
 def steps_to(history, level=0.5):
@@ -583,6 +628,55 @@ def draw_fast_tokens(tok, chunk, path):
     img.save(path)
 
 
+def draw_interference(rows, path, size=(900, 560)):
+    """interference.png: what the flow loss does to the VLM, rows side by side (mean over seeds).
+    rows: [(name, [history["vlm"] of each seed])]. Top: the gradient norms the flow term (thick) and the CE
+    (thin) send into the VLM (log; an exact 0, ki's stop-gradient, sits on the floor), and their cosine. Bottom:
+    the training weights' VQA accuracy and linear-probe accuracy (the knowledge the flow term could erode)."""
+    img = Image.new("RGB", size, "white")
+    dr = ImageDraw.Draw(img)
+    palette = [(30, 150, 60), (200, 60, 40), (40, 90, 200), (150, 60, 160), (120, 200, 130), (240, 150, 130)]
+    W, H, L, T, B = size[0] // 2, (size[1] - 20) // 2, 46, 22, 24
+    xmax = max([r["step"] for _, hs in rows for h in hs for r in h] + [1])
+    mean = lambda hs, k: np.mean([[r[k] for r in h] for h in hs], 0)  # noqa: E731  (seeds share the steps)
+    floor = -5.0  # log10 of the smallest norm drawn; 0 is drawn there
+    panels = [("gradient norm into the VLM: flow (thick), CE (thin); log", ("flow_grad", "ce_grad"), True),
+              ("cosine(CE gradient, flow gradient)", ("grad_cos",), False),
+              ("VQA accuracy (training weights)", ("vqa_acc",), False),
+              ("linear-probe accuracy (training weights)", ("probe_acc",), False)]
+    for p, (title, keys, log) in enumerate(panels):
+        x0, y0 = (p % 2) * W, 20 + (p // 2) * H
+        if log:
+            vals = [np.log10(np.maximum(mean(hs, k), 10 ** floor)) for _, hs in rows for k in keys]
+            lo, hi = floor, max(math.ceil(max(v.max() for v in vals) + 1e-9), floor + 1)
+        else:
+            lo, hi = (-1.0, 1.0) if keys == ("grad_cos",) else (0.0, 1.0)
+        X = lambda st: x0 + L + st / xmax * (W - L - 10)  # noqa: E731
+        Y = lambda v: y0 + T + (hi - v) / (hi - lo) * (H - T - B)  # noqa: E731
+        dr.rectangle([x0 + L, y0 + T, x0 + W - 10, y0 + H - B], outline=(150, 150, 150))
+        ticks = range(int(lo), int(hi) + 1, 2) if log else (lo, (lo + hi) / 2, hi)
+        for tick in ticks:
+            dr.text((x0 + 4, Y(tick) - 6), ("0" if tick == floor else f"1e{tick}") if log else f"{tick:.1f}",
+                    fill="black")
+        dr.text((x0 + L, y0 + 6), title, fill="black")
+        dr.text((x0 + W - 90, y0 + H - B + 8), f"step {xmax}", fill="black")
+        for i, (name, hs) in enumerate(rows):
+            steps = [r["step"] for r in hs[0]]
+            for j, k in enumerate(keys):
+                v = mean(hs, k)
+                v = np.log10(np.maximum(v, 10 ** floor)) if log else v
+                pts = [(X(st), Y(y)) for st, y in zip(steps, v)]
+                if len(pts) > 1:
+                    dr.line(pts, fill=palette[i % len(palette)], width=3 if j == 0 else 1)
+                for q in pts:
+                    dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=palette[i % len(palette)])
+    dr.text((8, 4), "what the flow loss sends into the VLM, and what the VLM keeps: " + ", ".join(
+        f"{name}" for name, _ in rows) + " (colours as the legend at right)", fill="black")
+    for i, (name, _) in enumerate(rows):
+        dr.text((size[0] - 110, 4 + 14 * i), name, fill=palette[i % len(palette)])
+    img.save(path)
+
+
 def write_figures(s, cfg, tok, obs, chunks, model=None):
     """attention.png and fast_tokens.png into --out_dir (from --bench and --figures)."""
     os.makedirs(s["out_dir"], exist_ok=True)
@@ -646,9 +740,11 @@ def trim_suffix(*datasets):
     return [None if d is None else {k: v[:, :used] if k in cut else v for k, v in d.items()} for d in datasets]
 
 
-def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None):
+def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None, watch=None):
     """AdamW + warmup/cosine (lr_at) + grad clipping + EMA. robot/vqa: datasets (dicts of tensors) to sample batches
-    from. Under torchrun every rank draws its own batch_size / world rows. Returns the EMA model (for evaluation)."""
+    from. Under torchrun every rank draws its own batch_size / world rows. curve(ema, step): every eval_interval
+    steps; watch(model, step): the training weights at watch_steps (before the step; `steps` after the last).
+    Returns the EMA model (for evaluation)."""
     dev = model.device
     robot, vqa = trim_suffix(robot, vqa)
     robot = {k: v.to(dev) for k, v in robot.items()} if robot is not None else None  # batches are drawn on the device
@@ -688,7 +784,10 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
     run_step = cuda_graphed(step_fn, opt) if graphed else None
     model.train()
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=s["rank"] > 0)
+    watch_at = watch_steps(steps, s["eval_interval"]) if watch is not None else ()
     for step in bar:
+        if step in watch_at:
+            watch(model, step)
         parts = [index(robot, torch.randint(len(robot["text"]), (n_rob,), generator=g, device=dev))] if n_rob else []
         parts += [index(vqa, torch.randint(len(vqa["text"]), (n_vqa,), generator=g, device=dev))] if n_vqa else []
         batch = cat(*parts)
@@ -710,9 +809,18 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None)
             e = curve(ema, step + 1)
             tqdm.write(f"step {step + 1:6d} | success {e['success']:.2f} | FAST acc {e['fast_token_acc']:.2f} "
                        f"| 1st-action err {e['first_action_mse']:.3f}")
+    if steps in watch_at:
+        watch(model, steps)
     if s["world"] > 1:
         check_ranks_in_sync(model, s)
     return ema
+
+
+def watch_steps(steps, interval):
+    """Where the VLM is watched for damage: every interval / 5 steps over the first 2 intervals (the expert is
+    new and its gradients largest: steps 0, 100, ..., 1000 by default), then every interval, and at the end."""
+    fine = max(1, interval // 5)
+    return sorted({*range(0, min(steps, 2 * interval) + 1, fine), *range(0, steps + 1, interval), steps})
 
 
 def cuda_graphed(step_fn, opt, warmup=3):
@@ -816,8 +924,23 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     model = build_model(s, cfg, tok).to(s["device"])
     load_vlm_weights(model, init)
     robot, diag = model.make_batch(*data["demos"]), model.make_batch(*data["diag"])  # per variant: pi0 has no FAST
-    history = {"train": [], "eval": []}
+    history = {"train": [], "eval": [], "vlm": []}
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
+    fixed = interference_batch(robot, data["vqa"], s["batch_size"], s["vqa_frac"], cfg)
+    # the watch's VQA and probe sets: half of the final evaluation's (1000 / 500 rows by default), so that 15
+    # watched steps cost ~4% of the default run
+    (tr, tr_kind, tr_y), (te, te_kind, te_y) = data["probe"]
+    n_tr, n_te = len(tr_y) // 2, len(te_y) // 2
+    probe = ((index(tr, slice(n_tr)), tr_kind[:n_tr], tr_y[:n_tr]), (index(te, slice(n_te)), te_kind[:n_te], te_y[:n_te]))
+
+    watch_time = [0.0]
+
+    def watch(model, step):  # the training weights (the EMA would hide early damage): gradients, VQA, probe
+        t0 = time.perf_counter()
+        history["vlm"].append({"step": step, **interference(model, *fixed), "vqa_acc": vqa_accuracy(model, probe[1][0]),
+                               "probe_acc": probe_accuracy(model, probe, data["probe_iters"])})
+        model.train()
+        watch_time[0] += time.perf_counter() - t0
 
     def curve(ema, step):  # the flow noise of its rollouts comes from its own generator: training never notices
         ok, _, _ = rollouts(ema, splits["train"], range(CURVE_SEED, CURVE_SEED + n_curve), s["replan"], s["num_steps"],
@@ -826,7 +949,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         return history["eval"][-1]
 
     ema = train(model, {**s, "seed": seed}, robot, data["vqa"], s["train_steps"], s["vqa_frac"],
-                f"train {cfg.variant} seed {seed}", curve if s["rank"] == 0 else None, history)
+                f"train {cfg.variant} seed {seed}", curve if s["rank"] == 0 else None, history,
+                watch if s["rank"] == 0 else None)
     train_time = time.time() - t_start
     if s["rank"] > 0:  # evaluation and outputs: rank 0 only
         return None
@@ -843,7 +967,7 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()),
                             **diagnostics(ema, diag, s["num_steps"])})
     metrics = {
-        "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"],
+        "variant": cfg.variant, "seed": seed, "vqa_frac": s["vqa_frac"], "flow_weight": cfg.flow_weight,
         "success": float(ok_in.mean()), "heldout_success": float(ok_out.mean()),
         "unseen_color_success": float(ok_color.mean()), "unseen_wording_success": float(ok_words.mean()),
         "unseen_color": s["unseen_color"], "eval_episodes": s["eval_episodes"],
@@ -853,14 +977,16 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
         "probe_acc_after": probe_accuracy(ema, data["probe"], data["probe_iters"]),
         "steps_to_50pct": steps_to(history, 0.5), "steps_to_80pct": steps_to(history, 0.8),
         "curve": [(r["step"], r["success"]) for r in history["eval"]],
+        **watch_summary(history["vlm"]), "vlm_watch": history["vlm"],
         "latency_ms_per_chunk_b1": 1000 * latency(ema, _sample_obs(), s["num_steps"], 20 if not s["quick"] else 3),
-        "batched_eval_ms_per_chunk": 1000 * chunk_s, "train_time_s": train_time,
+        "batched_eval_ms_per_chunk": 1000 * chunk_s, "train_time_s": train_time, "watch_time_s": watch_time[0],
         "run_time_s": time.time() - t_start, "device": s["device"], "train_steps": s["train_steps"],
     }
     out = s["out_dir"]
     ema.cpu().save(os.path.join(out, f"ckpt{tag}.pt"), settings={k: v for k, v in s.items() if k != "device"},
                    metrics=metrics)
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
+    draw_interference([(cfg.variant, [history["vlm"]])], os.path.join(out, f"interference{tag}.png"))
     with open(os.path.join(out, f"history{tag}.json"), "w") as f:
         json.dump(history, f)
     write_gif(episodes + more + colored + worded, os.path.join(out, f"rollouts{tag}.gif"))
@@ -1089,7 +1215,8 @@ def bench_paper_proportions(s, H=50, A=14, expert_width=80):
 
 
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success", "vqa_acc_after",
-          "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc", "first_action_mse", "malformed_fast")
+          "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc", "first_action_mse", "malformed_fast",
+          "flow_to_ce_grad", "grad_cos", "vqa_acc_min_train", "probe_acc_min_train")
 # compare.md: (metric, column header, the paper's claim it measures)
 COMPARE_COLUMNS = [("success", "success in-dist", ""), ("heldout_success", "held-out combos", "generalize"),
                    ("unseen_color_success", "unseen colour", "generalize"),
@@ -1097,6 +1224,8 @@ COMPARE_COLUMNS = [("success", "success in-dist", ""), ("heldout_success", "held
                    ("vqa_acc_after", "VQA after (before {vqa_acc_before:.2f})", "retention: head"),
                    ("probe_acc_after", "VQA probe after (before {probe_acc_before:.2f})", "retention: features"),
                    ("steps_to_50pct", "steps to 50%", "train fast"), ("steps_to_80pct", "steps to 80%", "train fast"),
+                   ("flow_to_ce_grad", "flow / CE gradient into the VLM", "insulation"),
+                   ("vqa_acc_min_train", "lowest VQA while training", "retention: head"),
                    ("latency_ms_per_chunk_b1", "ms/chunk, batch 1", "run fast"),
                    ("malformed_fast", "malformed FAST decodes", "")]
 
@@ -1148,6 +1277,10 @@ def write_compare(results, s, path_md, path_png):
                      + " | ".join(fmt([x[k] for x in r["runs"]], k) for k, _, _ in COMPARE_COLUMNS) + " |")
     with open(path_md, "w") as f:
         f.write("\n".join(lines) + "\n")
+    flows = [(r["runs"][0]["row"], [x["vlm_watch"] for x in r["runs"]]) for r in results
+             if r["runs"][0]["variant"] != "fast" and all("vlm_watch" in x for x in r["runs"])]
+    if flows:  # every row with a flow term, on shared axes
+        draw_interference(flows, os.path.join(os.path.dirname(path_md), "interference.png"))
     # success vs step: mean line, min..max band over seeds
     size, L, T, B, R = (760, 360), 46, 28, 30, 150
     img = Image.new("RGB", size, "white")
@@ -1196,7 +1329,7 @@ def merge(s):
         with open(path) as f:
             m = json.load(f)
         for run in [x for r in (m["compare"] if "compare" in m else [m]) for x in r["runs"]]:
-            runs = rows.setdefault(run["row"], [])
+            runs = rows.setdefault((run["row"], run.get("flow_weight", 1.0)), [])
             if any(x["seed"] == run["seed"] for x in runs):
                 raise SystemExit(f"error: --merge: row {run['row']} seed {run['seed']} is in more than one run")
             runs.append({**run, "from": d})
@@ -1204,8 +1337,13 @@ def merge(s):
     if len(budgets) > 1:
         raise SystemExit(f"error: --merge: the runs differ in (train_steps, eval_episodes, unseen_color): "
                          f"{sorted(budgets)}")
+    if len({fw for _, fw in rows}) > 1:  # runs at several flow weights (alpha): each (row, alpha) a row of its own
+        for (name, fw), runs in rows.items():
+            for x in runs:
+                x["row"] = f"{name} α={fw:g}"
     order = [name for name, _, _ in COMPARE_ROWS]
-    results = [summarize(rows[k]) for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))]
+    results = [summarize(rows[k]) for k in sorted(rows, key=lambda k: (k[1], order.index(k[0]) if k[0] in order
+                                                                       else len(order), k[0]))]
     (steps, episodes, _), = budgets
     os.makedirs(s["out_dir"], exist_ok=True)
     write_compare(results, {**s, "train_steps": steps, "eval_episodes": episodes},
