@@ -575,13 +575,13 @@ class Config:
     film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
     coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB (CoordConv)
     qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3; see Block)
-    vit_width: int = 64
-    vit_layers: int = 2
+    vit_width: int = 64         # ViT width (SigLIP analog)
+    vit_layers: int = 2         # ViT transformer blocks after the conv stem
     d_model: int = 64           # backbone width (Gemma analog)
     n_layer: int = 4            # shared by backbone and action expert (attention is mixed per layer)
     n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
     n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention (Gemma 2B: 1)
-    head_dim: int = 16
+    head_dim: int = 16          # per attention head, shared by backbone and expert
     rope_theta: float = 10000.0  # RoPE base (a real VLM's expert takes its VLM's)
     expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
     text_len: int = 12          # Tt, words of instruction / question (padded)

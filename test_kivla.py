@@ -9,12 +9,14 @@ import shlex
 import subprocess
 import sys
 import warnings
+import dataclasses
 from dataclasses import asdict
 
 import gymnasium
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import kivla
 import train_toy
@@ -827,20 +829,62 @@ def test_robot_demos_never_contain_the_evaluation_splits_and_only_vqa_has_the_un
     assert vocab.words(said)[1] == [], "every unseen word is in the vocabulary (VQA uses it), none is <unk>"
 
 
-@pytest.mark.parametrize("arg,msg", [("--no_such_key=3", "no_such_key"), ("--variant=bogus", "variant"),
-                                     ("--batch_size=abc", "batch_size"), ("--quick=maybe", "quick"),
-                                     ("--seeds=0", "seeds"), ("--backbone=llama", "backbone"),
-                                     ("--pretrain_blocks=0", "pretrain_blocks")])
-def test_bad_cli_input(arg, msg):
+@pytest.mark.parametrize("args,msg", [
+    (["--no_such_key=3"], "unknown setting --no_such_key"), (["--variant=bogus"], "variant"),
+    (["--batch_size=abc"], "batch_size"), (["--quick=maybe"], "quick"), (["--seeds=0"], "seeds"),
+    (["--backbone=llama"], "backbone"), (["--pretrain_blocks=0"], "pretrain_blocks"),
+    (["--trian_steps=10"], "did you mean --train_steps?"), (["--flow_wieght", "10"], "did you mean --flow_weight?"),
+    (["--train_steps"], "--train_steps needs a value: --train_steps=VALUE"),
+    (["--eval_only"], "--eval_only evaluates a trained model: add --init_from"),
+    (["--instruction=push the red block"], "--instruction is for --eval_only"),
+    (["--vqa_frac=1.5"], "vqa_frac must be in [0, 1]"), (["--train_steps=0"], "train_steps must be >= 1"),
+    (["--lr=-1"], "lr must be >= 0"), (["--init_from=README.md"], "README.md is not a kivla checkpoint")])
+def test_bad_cli_input(args, msg):
     with pytest.raises(SystemExit) as e:
-        train_toy.parse_args([arg])
+        train_toy.parse_args(args)
     assert msg in str(e.value) and str(e.value).startswith("error:")
 
 
+def test_key_space_value_reads_as_key_equals_value():
+    """argparse habits work: --key value is --key=value; a bare --flag is true; a flag's value may follow it."""
+    a, cfg_a = train_toy.parse_args(["--train_steps", "10", "--quick", "--flow_weight", "10", "--compare"])
+    b, cfg_b = train_toy.parse_args(["--train_steps=10", "--quick=true", "--flow_weight=10", "--compare=true"])
+    assert a == b and cfg_a == cfg_b and a["train_steps"] == 10 and cfg_a.flow_weight == 10 and a["compare"]
+    assert train_toy.parse_args(["--quick", "false"])[0]["quick"] is False
+
+
+def test_a_vlm_only_checkpoint_is_refused_for_evaluation(demo, tmp_path):
+    """pretrained.pt has a random action expert: --eval_only refuses it with the reason, and takes a ckpt.pt."""
+    obs, chunks, tok = demo
+    tiny(tok).save(tmp_path / "pretrained.pt", vqa_acc=0.5)
+    tiny(tok).save(tmp_path / "ckpt.pt", settings={}, metrics={})
+    with pytest.raises(SystemExit, match="is a VLM-only checkpoint .pretrained.pt"):
+        train_toy.parse_args(["--eval_only", f"--init_from={tmp_path / 'pretrained.pt'}"])
+    assert train_toy.parse_args(["--eval_only", f"--init_from={tmp_path / 'ckpt.pt'}"])[0]["eval_only"]
+    assert train_toy.parse_args([f"--init_from={tmp_path / 'pretrained.pt'}"])[0]["init_from"]  # for training: fine
+
+
+def test_help_groups_every_setting_with_its_meaning(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_toy.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for group in ("run:", "method:", "data:", "training:", "evaluation:", "speed:", "tools:"):
+        assert f"\n{group}" in out
+    lines = {ln.split("=")[0].strip(): ln for ln in out.splitlines() if ln.startswith("  --")}
+    every = [*train_toy.SETTINGS, *(f.name for f in dataclasses.fields(kivla.Config))]
+    assert all(f"--{k}" in lines for k in every)
+    assert all(len(lines[f"--{k}"].split(None, 1)) == 2 for k in every), "a setting without its meaning"
+    assert "(transformers)" in lines["--backbone"] and "alpha in" in lines["--flow_weight"]
+    assert out.index("--flow_weight") < out.index("\ndata:") < out.index("--n_demos")
+
+
 def test_bad_cli_input_exits_with_a_message_not_a_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "train_toy.py", "--variant=bogus", f"--out_dir={tmp_path}"],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "variant" in r.stderr and "Traceback" not in r.stderr
+    for args in (["--variant=bogus"], ["--eval_only"], ["--train_stesp", "5"]):
+        r = subprocess.run([sys.executable, "train_toy.py", *args, f"--out_dir={tmp_path}"],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_grounding_questions_ask_where_the_block_an_instruction_names_is():
@@ -1082,7 +1126,45 @@ def test_exercise_2_flow_target():
 # The README: every command runs as shown, every picture exists
 
 
-def test_every_readme_command_parses_and_every_picture_exists(tmp_path, monkeypatch):
+def test_interference_is_exactly_zero_through_the_stop_gradient_and_scales_with_the_flow_weight(demo):
+    """interference(): the flow term's gradient into the VLM is exactly 0 for ki (the stop-gradient) and not for
+    joint, where it is the backbone part of the flow-only gradient, times alpha; the CE's is the same for both."""
+    obs, chunks, tok = demo
+    batch = tiny(tok).make_batch(obs, chunks)
+    noise, time = fixed(batch)
+    ki, joint = (train_toy.interference(tiny(tok, v), batch, noise, time) for v in ("ki", "joint"))
+    assert ki["flow_grad"] == 0.0 and ki["grad_cos"] == 0.0 and ki["ce_grad"] > 0
+    assert joint["flow_grad"] > 0 and -1 <= joint["grad_cos"] <= 1 and joint["ce_grad"] == pytest.approx(ki["ce_grad"])
+    g = flow_only_grads(tiny(tok, "joint"), batch)
+    want = torch.cat([v.flatten() for n, v in g.items() if n.startswith("backbone.") and v is not None]).norm()
+    assert joint["flow_grad"] == pytest.approx(want.item(), rel=1e-5)
+    ten = train_toy.interference(tiny(tok, "joint", flow_weight=10.0), batch, noise, time)
+    assert ten["flow_grad"] == pytest.approx(10 * joint["flow_grad"], rel=1e-5)
+    assert ten["grad_cos"] == pytest.approx(joint["grad_cos"], abs=1e-5)
+    assert train_toy.watch_steps(3000, 500) == [*range(0, 1001, 100), 1500, 2000, 2500, 3000]
+
+
+def test_a_run_watches_its_vlm_writes_strict_json_and_draws_short_curves(tmp_path):
+    """A run records the VLM's gradients and knowledge at the watched steps (ki's flow part exactly 0 at every
+    one), writes interference.png, and metrics.json / history.json as strict JSON (null, not NaN); the loss
+    curve of a run with few logged steps is still drawn."""
+    m = train_toy.main(TINY_RUN + ["--train_steps=30", "--eval_interval=10", f"--out_dir={tmp_path}"])["runs"][0]
+    h = json.loads((tmp_path / "history.json").read_text())
+    assert [r["step"] for r in h["vlm"]] == [*range(0, 21, 2), 30] == [r["step"] for r in m["vlm_watch"]]
+    assert all(r["flow_grad"] == 0 and r["ce_grad"] > 0 and 0 <= r["vqa_acc"] <= 1 for r in h["vlm"])
+    assert m["flow_to_ce_grad"] == 0 and m["vqa_acc_min_train"] == min(r["vqa_acc"] for r in h["vlm"])
+    for f in ("metrics.json", "history.json"):
+        json.loads((tmp_path / f).read_text(), parse_constant=lambda c: pytest.fail(f"{f} holds {c}"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps_to_80pct"] is None  # never reached: null
+    img = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
+    loss_panel = img[:, : img.shape[1] // 2]
+    red = (abs(loss_panel - [200, 60, 40]).sum(-1) < 30).sum()
+    blue = (abs(loss_panel - [40, 90, 200]).sum(-1) < 30).sum()
+    assert red > 100 and blue > 100, "the loss panel has no CE / flow line"
+    assert (tmp_path / "interference.png").stat().st_size > 0
+
+
+def test_every_readme_command_parses_and_every_picture_exists(demo, tmp_path, monkeypatch):
     text = open("README.md").read()
     for pic in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert os.path.isfile(pic), f"README links a missing picture: {pic}"
@@ -1090,8 +1172,9 @@ def test_every_readme_command_parses_and_every_picture_exists(tmp_path, monkeypa
     assert len(commands) >= 10
     monkeypatch.chdir(tmp_path)  # the files the commands name, as a default run leaves them
     os.makedirs("out")
-    for f in ("out/pretrained.pt", "out/ckpt.pt"):
-        open(f, "w").close()
+    obs, chunks, tok = demo
+    tiny(tok).save("out/pretrained.pt", vqa_acc=0.5)
+    tiny(tok).save("out/ckpt.pt", settings={}, metrics={})
     for c in commands:
         args = shlex.split(c.replace("\\", " "))
         if "--help" in args:

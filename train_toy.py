@@ -24,6 +24,8 @@ train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU or 
 
 import contextlib
 import copy
+import difflib
+import inspect
 import io
 import json
 import math
@@ -40,52 +42,60 @@ from tqdm import tqdm
 import kivla
 
 # ------------------------------------------------------------------------------------------------
-# settings: every one (and every kivla.Config field) can be overridden as --key=value
+# settings: every one (and every kivla.Config field) can be overridden as --key=value (or --key value).
+# --help prints them under the "# --" group lines below, each with its comment.
 SETTINGS = dict(
+    # -- run: what this run is and where it writes
     out_dir="out",          # where checkpoints, metrics and pictures go
-    seed=0,
-    device="auto",          # auto | cpu | cuda | mps
-    amp=True,               # bf16 autocast on cuda (ignored elsewhere); --amp=false trains in fp32
-    cuda_graph=True,        # cuda, one process: capture the whole training step once as a CUDA graph and replay it
-    quick=False,            # shrink everything: the whole pipeline in about a minute (smoke tests, CI)
-    compare=False,          # every variant + ki/joint without VQA from one pretraining: compare.md, compare.png
-    variants="",            # --compare: only these rows, comma-separated (e.g. ki,joint); "" = every row
-    merge="",               # comma-separated out_dirs of --compare runs: one compare.md / compare.png in --out_dir
+    seed=0,                 # seeds the demos, the VLM pretraining and the first robot-training seed
+    quick=False,            # shrink everything: the whole pipeline in about half a minute (a smoke test: success 0)
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
-    eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
-    figures=False,          # write attention.png and fast_tokens.png into --out_dir and exit (--bench does too)
-    bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
+    init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
+    # -- method: the model (the kivla.Config settings below) and its VLM
     backbone="toy",         # toy: the from-scratch toy VLM | hf-tiny: a tiny random HuggingFace PaliGemma
                             # (transformers)
     scale="cpu",            # cpu: the toy sizes | gpu: sized for one GPU (more image tokens, wider, bigger batch)
-    compile=False,          # torch.compile the training loss (instead of a CUDA graph)
-    init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
-    instruction="",         # --eval_only: run this instruction instead of the env's own
-    n_demos=1200,           # expert episodes (on the training colour x corner pairs only)
+    # -- data: demonstrations, FAST, VQA
+    n_demos=1200,           # scripted-policy episodes (on the training colour x corner pairs only)
     unseen_color="purple",  # never a demo's target (VQA only): the "unseen concept" split; "" = none
-    demo_noise=0.3,         # std of the noise added to executed expert actions (labels stay clean)
+    demo_noise=0.3,         # std of the noise added to executed scripted actions (labels stay clean)
     fast_scale=4.0,         # FAST: DCT coefficients * scale, rounded (coarser = fewer, easier tokens)
     fast_vocab=512,         # FAST: BPE vocabulary size (ids), base symbols included
     n_vqa=30000,            # VQA questions in the pool for pretraining and co-training
+    # -- training: toy VLM pretraining, then robot training
     pretrain_steps=1000,    # toy VLM pretraining steps (VQA only), per block
     pretrain_min_vqa=0.7,   # a VLM under this held-out VQA accuracy grounds words poorly: restart (README)
     pretrain_blocks=4,      # at most this many pretraining blocks (the first + restarts)
+    pretrain_lr=1e-3,       # toy VLM pretraining: constant after the warm-up (why: pretrain_vlm)
     train_steps=3000,       # robot training steps
-    batch_size=64,
+    batch_size=64,          # rows per training step (robot + VQA)
     vqa_frac=0.125,         # co-training: fraction of each robot batch that is VQA
-    lr=3e-3,                # robot training
-    pretrain_lr=1e-3,       # toy VLM pretraining: constant after the warm-up (no cosine; why: pretrain_vlm)
+    lr=3e-3,                # robot training's peak learning rate (AdamW)
     min_lr_frac=0.05,       # robot training: the cosine decays to lr * min_lr_frac
-    warmup_steps=200,
-    weight_decay=0.01,
-    grad_clip=1.0,
+    warmup_steps=200,       # linear warm-up steps of every training phase
+    weight_decay=0.01,      # AdamW's, on matrices only
+    grad_clip=1.0,          # the gradient's global norm is clipped to this
     ema=0.998,              # EMA of the weights, used for evaluation
+    # -- evaluation: closed-loop rollouts on held-out seeds
     eval_interval=500,      # steps between the curve's evaluations (50 episodes, own RNG; the last point is the
                             # final one)
     eval_episodes=200,      # final evaluation: episodes per split, on held-out seeds
     replan=2,               # execute the first `replan` of H actions, then re-plan (closed loop)
     num_steps=10,           # Euler steps of the flow at inference
-    gif_episodes=4,
+    gif_episodes=4,         # episodes per split drawn into rollouts.gif
+    # -- speed: where and how the step runs
+    device="auto",          # auto | cpu | cuda | mps
+    amp=True,               # bf16 autocast on cuda (ignored elsewhere); --amp=false trains in fp32
+    cuda_graph=True,        # cuda, one process: capture the whole training step once as a CUDA graph and replay it
+    compile=False,          # torch.compile the training loss (instead of a CUDA graph)
+    # -- tools: instead of (or around) the main run
+    compare=False,          # every variant + ki/joint without VQA from one pretraining: compare.md, compare.png
+    variants="",            # --compare: only these rows, comma-separated (e.g. ki,joint); "" = every row
+    merge="",               # comma-separated out_dirs of --compare runs: one compare.md / compare.png in --out_dir
+    eval_only=False,        # just evaluate --init_from (a ckpt.pt) and write a GIF
+    instruction="",         # --eval_only: run this instruction instead of the env's own
+    figures=False,          # write attention.png and fast_tokens.png into --out_dir and exit (--bench does too)
+    bench=False,            # print the benchmarks (training steps/s vs matmul, FAST, env, flow vs AR) and exit
 )
 QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
              eval_episodes=16, gif_episodes=2, warmup_steps=10, pretrain_min_vqa=0.0)  # one pretraining block
@@ -103,40 +113,39 @@ COMPARE_ROWS = [("ki", "ki", {}), ("joint", "joint", {}), ("pi0", "pi0", {}), ("
 
 
 def parse_args(argv):
-    """nanoGPT-style --key=value over SETTINGS and kivla.Config. -> (settings dict, Config)."""
+    """nanoGPT-style --key=value (or --key value) over SETTINGS and kivla.Config. -> (settings dict, Config).
+    Anything it cannot use ends the program with one line that says why (SystemExit), never a traceback."""
     cfg_fields = {f.name: f for f in fields(kivla.Config)}
     defaults = {**{k: f.default for k, f in cfg_fields.items()}, **SETTINGS}
     if "--help" in argv or "-h" in argv:
-        print(__doc__ + "\nsettings (default):")
-        for k, v in defaults.items():
-            print(f"  --{k}={v}")
+        print(__doc__ + help_text())
         sys.exit(0)
-    given = {}
-    for arg in argv:
+    given, args = {}, list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):
             raise SystemExit(f"error: expected --key=value, got {arg!r} (see --help)")
         key, eq, val = arg[2:].partition("=")
         if key not in defaults:
-            raise SystemExit(f"error: unknown setting {key!r}; valid: {', '.join(defaults)}")
-        given[key] = _cast(key, val if eq else "true", defaults[key])
+            near = difflib.get_close_matches(key, defaults, n=1)
+            raise SystemExit(f"error: unknown setting --{key}" + (f"; did you mean --{near[0]}?" if near else "")
+                             + " (python train_toy.py --help lists them all)")
+        if not eq:  # --key value, as argparse; a bare --flag is true
+            is_bool = isinstance(defaults[key], bool)
+            if args and not args[0].startswith("--") and (not is_bool or args[0].lower() in BOOLS):
+                val = args.pop(0)
+            elif is_bool:
+                val = "true"
+            else:
+                raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE (default: {defaults[key]!r})")
+        given[key] = _cast(key, val, defaults[key])
     for k, options in CHOICES.items():
         if k in given and given[k] not in options:
             raise SystemExit(f"error: --{k} must be one of {', '.join(options)}, got {given[k]!r}")
     # defaults < --quick < --scale=gpu < what was given
     given = {**(QUICK if given.get("quick") else {}), **(SCALE_GPU if given.get("scale") == "gpu" else {}), **given}
     s = {**SETTINGS, **{k: v for k, v in given.items() if k in SETTINGS}}
-    if s["init_from"] and not os.path.isfile(s["init_from"]):
-        raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
-    rows = [r for r in s["variants"].split(",") if r]
-    unknown = [r for r in rows if r not in [name for name, _, _ in COMPARE_ROWS]]
-    if unknown:
-        raise SystemExit(f"error: --variants: unknown rows {unknown}; "
-                         f"choose from {', '.join(n for n, _, _ in COMPARE_ROWS)}")
-    if rows and not s["compare"]:
-        raise SystemExit("error: --variants picks rows of --compare: add --compare (or use --variant=NAME for one run)")
-    for k in ("seeds", "pretrain_blocks"):
-        if s[k] < 1:
-            raise SystemExit(f"error: --{k} must be >= 1, got {s[k]}")
+    check_settings(s)
     try:
         cfg = kivla.Config(**{k: v for k, v in given.items() if k in cfg_fields})
     except ValueError as e:
@@ -144,15 +153,80 @@ def parse_args(argv):
     return s, cfg
 
 
+BOOLS = ("true", "false", "1", "0")
+
+
 def _cast(key, val, default):
     try:
         if isinstance(default, bool):
-            if val.lower() not in ("true", "false", "1", "0"):
+            if val.lower() not in BOOLS:
                 raise ValueError
             return val.lower() in ("true", "1")
         return type(default)(val)
     except ValueError:
         raise SystemExit(f"error: --{key}={val!r} is not a valid {type(default).__name__} (default: {default!r})")
+
+
+def check_settings(s):
+    """The combinations and ranges a run cannot use, each refused with the reason."""
+    if s["init_from"] and not os.path.isfile(s["init_from"]):
+        raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
+    if s["eval_only"] and not s["init_from"]:
+        raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=out/ckpt.pt")
+    if s["init_from"]:
+        load_checkpoint(s["init_from"], trained=s["eval_only"])  # now, not after minutes of data and pretraining
+    if s["instruction"] and not s["eval_only"]:
+        raise SystemExit("error: --instruction is for --eval_only (training uses the env's own instructions)")
+    rows = [r for r in s["variants"].split(",") if r]
+    unknown = [r for r in rows if r not in [name for name, _, _ in COMPARE_ROWS]]
+    if unknown:
+        raise SystemExit(f"error: --variants: unknown rows {unknown}; "
+                         f"choose from {', '.join(n for n, _, _ in COMPARE_ROWS)}")
+    if rows and not s["compare"]:
+        raise SystemExit("error: --variants picks rows of --compare: add --compare (or use --variant=NAME for one run)")
+    for k in ("seeds", "pretrain_blocks", "n_demos", "n_vqa", "pretrain_steps", "train_steps", "batch_size",
+              "eval_interval", "eval_episodes", "replan", "num_steps"):
+        if s[k] < 1:
+            raise SystemExit(f"error: --{k} must be >= 1, got {s[k]}")
+    for k in ("vqa_frac", "min_lr_frac", "ema"):
+        if not 0 <= s[k] <= 1:
+            raise SystemExit(f"error: --{k} must be in [0, 1], got {s[k]}")
+    for k in ("pretrain_min_vqa", "lr", "pretrain_lr", "demo_noise", "fast_scale", "grad_clip", "weight_decay", "warmup_steps",
+              "gif_episodes"):
+        if not s[k] >= 0:
+            raise SystemExit(f"error: --{k} must be >= 0, got {s[k]}")
+
+
+def help_text():
+    """--help: every setting with its default and its comment (from SETTINGS above and kivla.Config), grouped."""
+    out, group = [], None
+    src = inspect.getsource(sys.modules[__name__]).split("SETTINGS = dict(\n", 1)[1].split("\n)\n", 1)[0]
+    config = inspect.getsource(kivla.Config).split("\n")
+    for line in src.split("\n"):
+        code, _, comment = line.partition("#")
+        name = code.split("=")[0].strip()
+        if comment.startswith(" -- "):
+            group = comment[4:].split(":")[0]
+            out.append(f"\n{comment[4:].strip()}")
+            if group == "method":  # every kivla.Config field, with its comment in kivla.py
+                out += _help_lines(config, ":", {f.name: f.default for f in fields(kivla.Config)})
+        elif name:
+            out += _help_lines([line], "=", SETTINGS)
+        elif comment and len(code) > 12:
+            out[-1] += " " + comment.strip()  # a comment continued on the next line, aligned under it
+    return "\nsettings, as --key=value (default), grouped:" + "\n".join(out)
+
+
+def _help_lines(lines, sep, defaults):
+    out = []
+    for line in lines:
+        code, _, comment = line.partition("#")
+        name = code.split(sep)[0].strip()
+        if name in defaults:
+            out.append(f"  --{name}={defaults[name]}".ljust(28) + " " + comment.strip())
+        elif out and not code.strip() and comment and len(code) > 12:
+            out[-1] += " " + comment.strip()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,7 +581,7 @@ def draw_curves(history, path, size=(760, 320)):
     W, H, L, T, B = size[0] // 2, size[1], 42, 24, 28  # panel width, height, left/top/bottom margins
     xmax = max([r["step"] for r in history["train"] + history["eval"]] + [1])
     tr, ev = history["train"], history["eval"]
-    k = min(10, len(tr)) or 1  # moving average over k logged steps
+    k = max(1, min(10, len(tr) // 4))  # moving average over k logged steps (fewer in a short run: still a line)
 
     def smooth(key):
         if not tr:
@@ -987,8 +1061,7 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
                    metrics=metrics)
     draw_curves(history, os.path.join(out, f"curves{tag}.png"))
     draw_interference([(cfg.variant, [history["vlm"]])], os.path.join(out, f"interference{tag}.png"))
-    with open(os.path.join(out, f"history{tag}.json"), "w") as f:
-        json.dump(history, f)
+    write_json(history, os.path.join(out, f"history{tag}.json"), indent=None)
     write_gif(episodes + more + colored + worded, os.path.join(out, f"rollouts{tag}.gif"))
     return metrics
 
@@ -1027,8 +1100,23 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
     return {k: v.cpu() for k, v in ema.state_dict().items()}, acc
 
 
+def load_checkpoint(path, trained=False):
+    """torch.load (weights only) with one clear line for what cannot be used: a file that is not a kivla
+    checkpoint, or (trained=True) pretrained.pt, whose action expert never trained."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise SystemExit(f"error: {path} is not a kivla checkpoint (torch.load cannot read it with weights_only=True)"
+                         ) from None
+    if not isinstance(ck, dict) or not {"model", "config", "fast_tokenizer"} <= ck.keys():
+        raise SystemExit(f"error: {path} is not a kivla checkpoint (no model, config and FAST tokenizer in it)")
+    if trained and "settings" not in ck:
+        raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: VQA pretraining, no robot "
+                         "training, its action expert is random): evaluate a ckpt.pt from a training run")
+    return ck
+
+
 def eval_only(s):
-    assert s["init_from"], "--eval_only needs --init_from=out/ckpt.pt"
     model = kivla.KIVLA.from_checkpoint(s["init_from"], device=s["device"])
     tasks, text = "train", s["instruction"]
     if text:
@@ -1326,8 +1414,7 @@ def merge(s):
         path = os.path.join(d, "metrics.json")
         if not os.path.isfile(path):
             raise SystemExit(f"error: --merge: no {path}")
-        with open(path) as f:
-            m = json.load(f)
+        m = read_json(path)
         for run in [x for r in (m["compare"] if "compare" in m else [m]) for x in r["runs"]]:
             runs = rows.setdefault((run["row"], run.get("flow_weight", 1.0)), [])
             if any(x["seed"] == run["seed"] for x in runs):
@@ -1348,10 +1435,31 @@ def merge(s):
     os.makedirs(s["out_dir"], exist_ok=True)
     write_compare(results, {**s, "train_steps": steps, "eval_episodes": episodes},
                   os.path.join(s["out_dir"], "compare.md"), os.path.join(s["out_dir"], "compare.png"))
-    with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
-        json.dump({"compare": results}, f, indent=2)
+    write_json({"compare": results}, os.path.join(s["out_dir"], "metrics.json"))
     print(open(os.path.join(s["out_dir"], "compare.md")).read())
     return {"compare": results}
+
+
+def write_json(obj, path, indent=2):
+    """Strict JSON: a number that is not finite (NaN: a split or measure a run does not have) is written as null."""
+    def strict(x):
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+    with open(path, "w") as f:
+        json.dump(strict(obj), f, indent=indent, allow_nan=False)
+
+
+def read_json(path):
+    """write_json's inverse for metrics: null -> NaN (the summaries and tables expect numbers)."""
+    def loose(x):
+        if isinstance(x, dict):
+            return {k: loose(v) for k, v in x.items()}
+        return [loose(v) for v in x] if isinstance(x, list) else float("nan") if x is None else x
+    with open(path) as f:
+        return loose(json.load(f))
 
 
 def summarize(runs):
@@ -1402,7 +1510,7 @@ def run(s, cfg):
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
     # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
-    init = torch.load(s["init_from"], weights_only=True) if s["init_from"] else None
+    init = load_checkpoint(s["init_from"]) if s["init_from"] else None
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)
     if init and init["fast_tokenizer"]["vocab_size"] != tok.vocab_size:
         raise SystemExit(f"error: {s['init_from']} has fast_vocab={init['fast_tokenizer']['vocab_size']}, "
@@ -1465,12 +1573,14 @@ def run(s, cfg):
                 (("success", "success"), ("heldout_success", "held-out combos"),
                  ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))))
     out = results[0] if not s["compare"] else {"compare": results}
-    with open(os.path.join(s["out_dir"], "metrics.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(out, os.path.join(s["out_dir"], "metrics.json"))
     if s["compare"]:
         write_compare(results, s, os.path.join(s["out_dir"], "compare.md"), os.path.join(s["out_dir"], "compare.png"))
         print(open(os.path.join(s["out_dir"], "compare.md")).read())
     print(f"scripted expert on the same seeds: {expert_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
+    if s["quick"]:
+        print("--quick is a smoke test of the whole pipeline: its 80 robot steps are too few to learn the task, so "
+              "success 0.000 is expected; the default run (python train_toy.py) learns it")
     if s["world"] > 1:
         torch.distributed.barrier()  # the other ranks may go now
         torch.distributed.destroy_process_group()
