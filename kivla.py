@@ -45,11 +45,14 @@ Deliberately not here: multiple cameras, real-robot I/O. (Distributed training: 
 import inspect
 import math
 import string
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, fields, replace
 
 import numpy as np
 import gymnasium
 from gymnasium import spaces
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +260,790 @@ class QuantileNorm:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Toy environment: push the <colour> block to the <corner> corner (a gymnasium env)
+# 2. Config: one dataclass, stored in every checkpoint
+# ------------------------------------------------------------------------------------------------
+
+VARIANTS = ("ki", "joint", "pi0", "fast")
+
+
+@dataclass
+class Config:
+    variant: str = "ki"         # ki: CE(FAST)+flow, stop-gradient | joint: same, no stop-gradient
+                                # pi0: flow only, no FAST tokens | fast: CE(FAST) only, AR decoding
+    flow_weight: float = 1.0    # alpha in  loss = CE + alpha * flow-MSE  (0 allowed)
+    action_horizon: int = 10    # H, actions per chunk
+    action_dim: int = 2         # A
+    image_size: int = 64        # S, must match the env's observation
+    patch_size: int = 16        # -> (S / patch)^2 image tokens (16): few tokens keep the CPU budget
+    vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs (Xiao et al. 2021) | "patchify": one conv
+    film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
+    coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB (CoordConv)
+    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3; see Block)
+    vit_width: int = 64         # ViT width (SigLIP analog)
+    vit_layers: int = 2         # ViT transformer blocks after the conv stem
+    d_model: int = 64           # backbone width (Gemma analog)
+    n_layer: int = 4            # shared by backbone and action expert (attention is mixed per layer)
+    n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
+    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention (Gemma 2B: 1)
+    head_dim: int = 16          # per attention head, shared by backbone and expert
+    rope_theta: float = 10000.0  # RoPE base (a real VLM's expert takes its VLM's)
+    expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
+    text_len: int = 12          # Tt, words of instruction / question (padded)
+    state_bins: int = 256       # pi0.5: proprioception as discrete tokens
+    state_dim: int = 2          # Ds, proprioception numbers per step (the toy: pusher x, y), one token each
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if not self.flow_weight >= 0:
+            raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
+        if self.vit_stem not in ("conv", "patchify"):
+            raise ValueError(f"vit_stem must be 'conv' or 'patchify', got {self.vit_stem!r}")
+        if self.image_size % self.patch_size or (self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
+                             "(a power of two for the conv stem)")
+
+    # derived from `variant` only, never set twice
+    @property
+    def stop_gradient(self):
+        return self.variant == "ki"
+
+    @property
+    def use_fast(self):
+        return self.variant in ("ki", "joint", "fast")
+
+    @property
+    def use_flow(self):
+        return self.variant != "fast"
+
+    @property
+    def n_image_tokens(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_len(self):
+        return self.n_image_tokens + self.text_len + self.state_dim  # Tp: image | text | state
+
+    @property
+    def suffix_len(self):
+        return self.action_horizon * self.action_dim + 1  # Ts: "Action:" + worst case one id per coefficient
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Transformer pieces shared by the ViT, the backbone and the action expert
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight)
+
+
+def rms_norm(x, weight):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+
+def rope_angles(pos, head_dim, theta=10000.0):
+    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin, each (T, hs).
+    Computed once per forward pass and shared by every layer. Same frequencies as HF Gemma's rotary embedding.
+    sin carries the rotation's sign ([-sin | sin]), so that rope() is two multiplies and an add."""
+    half = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
+    ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # (T, hs) each
+
+
+def rope(x, cos, sin):
+    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i, i.e.
+    [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
+    half = x.shape[-1] // 2
+    return x * cos.to(x.dtype) + torch.cat([x[..., half:], x[..., :half]], -1) * sin.to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention + gated MLP. Used three ways:
+    ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
+    (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
+
+    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0, qk_norm=False):
+        super().__init__()
+        self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
+        assert n_head % self.n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}"
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)  # [q | k | v] rows
+        self.proj = nn.Linear(n_head * head_dim, width, bias=False)
+        self.fc_gate = nn.Linear(width, 4 * width, bias=False)
+        self.fc_up = nn.Linear(width, 4 * width, bias=False)
+        self.fc_down = nn.Linear(4 * width, width, bias=False)
+        self.ada = AdaRMS(cond_dim, width) if cond_dim else None  # the action expert's: conditioned on tau
+        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at about unit
+        # size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's attention can stay uniform
+        # for its whole pretraining: no image question rises above chance (the grounding plateau).
+        self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm else (None, None)
+
+    def norm_and_rotate(self, qk, rot=None):
+        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once. Speed trick: one op
+        for both instead of one each (a step of the toy is thousands of small ops), ~4% of a CPU training step."""
+        if self.q_norm is not None:
+            nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs), self.k_norm.weight.expand(nkv, 1, hs)]))
+        return qk if rot is None else rope(qk, *rot)
+
+    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
+        """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
+        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
+        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the expert, decoding).
+        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for the action
+        expert, the backbone's prefix keys/values of the same layer (the mixture of transformers).
+        cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        ada1, ada2 = self.ada(cond) if cond is not None else (None, None)  # adaRMSNorm: the expert only
+        # 1) attention
+        h = modulate(self.norm1(x), ada1)
+        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)  # (B, heads, T, hs)
+        q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
+        keys, values = k, v
+        if past_kv is not None:  # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
+            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, nkv, Tpast + T, hs)
+        # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)  # (B, nh, T, hs)
+        a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
+        x = x + gate(a, ada1)
+        # 2) gated MLP (GeGLU, as in Gemma)
+        h = modulate(self.norm2(x), ada2)
+        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W)
+        x = x + gate(m, ada2)
+        return x, (k, v)
+
+
+class AdaRMS(nn.Linear):
+    """pi0.5's adaRMSNorm [3]: the condition (the action expert's flow time) predicts, for each of a block's two
+    sub-blocks, a scale and a shift of its RMSNorm's output and a gate on its residual branch. All three enter
+    as (1 + scale), shift, (1 + gate): zero is a plain pre-norm block. cond (B, C) -> two (scale, shift, gate)."""
+
+    def __init__(self, cond_dim, width):
+        super().__init__(cond_dim, 6 * width)
+
+    def forward(self, cond):
+        s1, b1, g1, s2, b2, g2 = super().forward(cond)[:, None].chunk(6, dim=-1)  # (B, 1, W) each
+        return (s1, b1, g1), (s2, b2, g2)
+
+
+def modulate(h, ada):
+    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate)); unchanged without."""
+    return h if ada is None else h * (1 + ada[0]) + ada[1]
+
+
+def gate(branch, ada):
+    """A residual branch's output, gated by adaRMSNorm; unchanged without."""
+    return branch if ada is None else (1 + ada[2]) * branch
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. ViT image encoder (SigLIP analog): a conv stem -> patch tokens -> transformer -> backbone width
+# ------------------------------------------------------------------------------------------------
+
+
+class ToyStem(nn.Module):
+    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale deviations"), both
+    switchable. A real VLA's SigLIP arrives pre-trained; this one learns from scratch in a few thousand steps, so:
+      - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
+        translation-equivariant, but every answer and action here needs absolute position ("the top left corner").
+      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels (early fusion).
+        Without it the ViT learns far more slowly which blob a colour word such as "red" names.
+    image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
+
+    def __init__(self, cfg, n_words):
+        super().__init__()
+        w, self.coord = cfg.vit_width, cfg.coord_stem
+        c_in = 5 if cfg.coord_stem else 3
+        if cfg.vit_stem == "conv":  # 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
+            n = int(math.log2(cfg.patch_size))
+            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
+            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
+        else:  # one patchify conv, as SigLIP
+            chans = [c_in, w]
+            self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
+        self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
+        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it alone: a strong random
+        # FiLM from the start (std 0.3) lets colour words change the image tokens at once
+        self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
+            if cfg.film_stem and self.hidden else None  # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
+
+    def forward(self, image, text, text_valid):
+        x = image.float() / 127.5 - 1.0  # (B, S, S, 3) in [-1, 1]
+        if self.coord:
+            B, S = x.shape[:2]
+            c = torch.linspace(-1, 1, S, device=x.device)
+            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2): x left to right, y top to bottom
+            x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
+        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's conv kernels
+        # (oneDNN) run fastest on: the stem's convolutions are the largest single cost of a CPU training step
+        x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
+        if self.film is not None:
+            m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
+            film = ((F.embedding(text, self.film) * m).sum(1)
+                    / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
+            if i < len(self.convs) - 1:
+                if self.film is not None:
+                    g, b = film[i][:, :, None, None].chunk(2, dim=1)  # (B, C_i, 1, 1) each
+                    x = x * (1 + g) + b
+                x = F.gelu(x)
+        return x
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg, n_words):
+        super().__init__()
+        w = cfg.vit_width
+        self.stem = ToyStem(cfg, n_words)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))  # learned 2-D positions, flattened
+        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm) for _ in range(cfg.vit_layers))
+        self.norm = RMSNorm(w)
+        self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
+
+    def forward(self, image, text, text_valid):
+        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them) -> image tokens (B, Ti, D)."""
+        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb  # (B, Ti, W)
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return self.proj(self.norm(x))  # (B, Ti, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Backbone (Gemma analog): decoder-only transformer over [prefix | suffix], prefix-LM mask
+# ------------------------------------------------------------------------------------------------
+
+
+def prefix_lm_mask(prefix_valid, n_suffix):
+    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix causal,
+    the prefix never sees the suffix; padded text keys are hidden.
+    e.g. 3 prefix + 2 suffix tokens (rows = queries):  1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1"""
+    B, Tp = prefix_valid.shape
+    i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
+    allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
+    key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_suffix)], 1)  # (B, T)
+    return (allowed[None] & key_valid[:, None, :]).unsqueeze(1)
+
+
+def expert_mask(prefix_valid, H):
+    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H action keys
+    (bidirectional among themselves). The suffix (FAST tokens) is not even among its keys."""
+    return torch.cat([prefix_valid, prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
+
+
+class Backbone(nn.Module):
+    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over [prefix | suffix].
+
+    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 11) implements the
+    same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks inside either:
+      embed_prefix(batch) -> prefix embeddings (B, Tp, D), prefix_valid (B, Tp)     [image | text | state]
+      embed(ids)          -> token embeddings (B, T, D)                              (suffix tokens)
+      forward(x, pos, mask, cache=None) -> hidden (B, T, D), per-layer [(k, v)]      (HF: past_key_values)
+      lm_head(hidden)     -> logits (B, T, V)
+      n_layer, n_head, n_kv_head, head_dim, rope_theta: the shapes the action expert must match
+    """
+
+    def __init__(self, cfg, vocab):
+        super().__init__()
+        self.n_layer, self.n_head, self.n_kv_head = cfg.n_layer, cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
+        self.embed = nn.Embedding(vocab.size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head,
+                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied, as in Gemma
+
+    def embed_prefix(self, batch):
+        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
+        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
+        x = torch.cat([img, self.embed(batch["text"]), self.embed(batch["state"])], 1)
+        return x, prefix_valid(batch, img.shape[1])
+
+    def forward(self, x, pos, mask, cache=None):
+        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
+        computed by the caller only where needed: the vocabulary projection is the costliest matmul),
+        per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
+        kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
+        for i, blk in enumerate(self.blocks):
+            x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            kv.append((k, v))
+        return self.norm(x), kv
+
+
+def prefix_valid(batch, n_image_tokens):
+    """(B, Tp) bool: every image and state token is real, text padding is not."""
+    img = batch["text_valid"].new_ones(len(batch["text_valid"]), n_image_tokens)
+    return torch.cat([img, batch["text_valid"], torch.ones_like(batch["state"], dtype=torch.bool)], 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Action expert: a narrower transformer over the noisy action chunk, conditioned on tau
+# ------------------------------------------------------------------------------------------------
+
+
+class ActionExpert(nn.Module):
+    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's keys),
+    its own, narrower weights: pi0's mixture of transformers. Flow time enters through adaRMSNorm
+    (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not just the input."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.expert_width
+        self.in_proj = nn.Linear(cfg.action_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head,
+                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(w)
+        self.out_proj = nn.Linear(w, cfg.action_dim)
+        self.rope_theta = cfg.rope_theta
+
+    def time_embedding(self, tau):
+        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4 (as in openpi)."""
+        half = self.in_proj.out_features // 2
+        period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
+        ang = 2 * math.pi * tau[:, None].float() / period[None]
+        return torch.cat([ang.sin(), ang.cos()], -1)
+
+    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
+        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs), prefix_valid (B, Tp),
+        pos (H,) -> predicted velocity (B, H, A)."""
+        B, H, _ = x_tau.shape
+        x = self.in_proj(x_tau)  # (B, H, W)
+        cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
+        mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
+        rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
+        for blk, kv in zip(self.blocks, prefix_kv):
+            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)  # layer l reads the backbone's layer l
+        return self.out_proj(self.norm(x))  # (B, H, A)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. KIVLA: the KI loss, flow sampling with a KV cache, the AR FAST baseline, batches
+# ------------------------------------------------------------------------------------------------
+
+def masked_mean(x, mask):
+    """Mean of x over the places where mask is True (0 if none): x and mask of one shape."""
+    m = mask.float()
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def sample_tau(n, device):
+    """Flow time tau ~ Beta(1.5, 1) on [0.001, 1], more weight on noisy times (pi0 [2]). Its CDF is tau^1.5, so
+    tau = U^(1 / 1.5) for U uniform: one kernel, no sampler object inside the training step. -> (n,)"""
+    return torch.rand(n, device=device) ** (1 / 1.5) * 0.999 + 0.001
+
+
+def _eager():
+    """False while torch.compile traces or a CUDA graph captures: checks that read a value back to Python (a host
+    sync) run only in eager mode."""
+    return not torch.compiler.is_compiling() and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+BATCH_KEYS = """
+  image         uint8 (B, S, S, 3)   camera image, the only place block positions live
+  text          long  (B, Tt)        instruction (robot rows) or question (VQA rows), <pad>-filled
+  text_valid    bool  (B, Tt)        False at padding (hidden from attention)
+  state         long  (B, Ds)        proprioception as state-bin token ids (the toy: pusher x, y)
+  suffix        long  (B, Ts)        backbone input after the prefix: "Action:" fast_tokens... or "Answer:" words...
+  suffix_target long  (B, Ts)        next-token targets for `suffix` (ends with "|")
+  suffix_loss   bool  (B, Ts)        which suffix targets get cross-entropy
+  actions       float (B, H, A)      clean action chunk (zeros on VQA rows)
+  has_actions   bool  (B,)           robot rows (get the flow loss) vs VQA rows
+"""
+
+
+class KIVLA(nn.Module):
+    __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
+
+    def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None, backbone=None):
+        """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data already
+        lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies them, the
+        samplers undo the action one, checkpoints store both.
+        backbone: None builds the toy VLM from cfg; or an HFBackbone (a real VLM). The action expert is then
+        built to match it (its layers, heads, key/value heads, head size and RoPE base replace cfg's)."""
+        super().__init__()
+        assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
+            f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
+            f"({cfg.action_horizon}, {cfg.action_dim})")
+        if backbone is not None:
+            cfg = replace(cfg, **{k: getattr(backbone, k)
+                                  for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
+        self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
+        self.action_norm, self.state_norm = action_norm, state_norm
+        if action_norm is not None:  # its inverse on the model's device (the samplers undo it without a host copy)
+            mid, scale = (torch.tensor(x) for x in ((action_norm.lo + action_norm.hi) / 2, action_norm.scale))  # (A,)
+            self.register_buffer("action_mid", mid, persistent=False)  # not saved: the checkpoint keeps the norm
+            self.register_buffer("action_scale", scale, persistent=False)
+        if backbone is None:
+            self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
+            self.backbone = Backbone(cfg, self.vocab)
+        else:  # our ids inside the VLM's vocabulary (text from its tokenizer if it has one)
+            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size, cfg.state_bins,
+                                      backbone.tokenizer)
+            self.backbone = backbone
+        self.action_expert = ActionExpert(cfg)
+        for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
+            m.apply(self._init_weights)  # a real VLM keeps its own (pre-trained) weights
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Conv2d):  # subtle: PyTorch's default conv init shrinks the signal at every
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # layer until the biases drown the image
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"backbone (VLM)": count(self.backbone), "action_expert": count(self.action_expert)}
+
+    @property
+    def device(self):
+        return self.action_expert.out_proj.weight.device
+
+    # -- training -------------------------------------------------------------------------------
+    def compute_loss(self, batch, noise=None, time=None):
+        """The KI loss [1]: loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
+        noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
+        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you log: reading
+        one waits for the device, so the training loop does it every few steps, not every step)."""
+        ce, flow = self.loss_terms(batch, noise, time)
+        loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce  # fast: no flow term at all
+        return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
+
+    def loss_terms(self, batch, noise=None, time=None):
+        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow (0 without an action expert).
+        Speed: every shape is the batch's, whatever its mix of robot and VQA rows (masks, not boolean indexing),
+        so a training step runs as one graph (CUDA graphs, torch.compile) with no host syncs."""
+        cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
+        self._check_batch(batch)
+        # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
+        h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
+        # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone learns actions
+        logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), batch["suffix_target"].flatten(), reduction="none")  # (B * Ts,)
+        ce = masked_mean(ce, batch["suffix_loss"].flatten())  # over the real targets
+        if not cfg.use_flow:
+            return ce, h.new_zeros(())
+        # 3) flow matching for the action expert [5], on the robot rows
+        Tp = prefix_valid.shape[1]
+        kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
+        if cfg.stop_gradient:
+            # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a stop-gradient.
+            # The forward pass is unchanged; the flow loss just cannot push gradients into the VLM.
+            kv = [(k.detach(), v.detach()) for k, v in kv]
+        actions = batch["actions"]  # (B, H, A)
+        noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)  # (B, H, A)
+        tau = sample_tau(len(actions), actions.device) if time is None else time.to(actions.device)  # (B,)
+        x_tau = tau[:, None, None] * noise + (1 - tau[:, None, None]) * actions  # tau = 1: pure noise, 0: clean
+        u = noise - actions  # the target velocity d x_tau / d tau
+        velocity = self._expert(x_tau, tau, kv, prefix_valid)  # (B, H, A)
+        flow = masked_mean(((velocity.float() - u) ** 2).mean((1, 2)), batch["has_actions"])  # VQA rows: no actions
+        return ce, flow
+
+    def forward(self, batch, noise=None, time=None):
+        """Calling the model is its training loss, so DistributedDataParallel and torch.compile can wrap it."""
+        return self.compute_loss(batch, noise, time)
+
+    # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it) ----
+    def backbone_prefix_kv(self, batch):
+        """What the action expert reads: per-layer [(k, v)] over the prefix, each (B, n_kv_head, Tp, head_dim)
+        with RoPE applied at positions 0..Tp-1, and prefix_valid (B, Tp)."""
+        x, valid = self.backbone.embed_prefix(batch)
+        _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device), prefix_lm_mask(valid, 0))
+        return kv, valid
+
+    def forward_vlm(self, batch):
+        """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states (B, Ts, D),
+        per-layer [(k, v)] over all Tp + Ts tokens, prefix_valid (B, Tp)."""
+        x, prefix_valid = self.backbone.embed_prefix(batch)  # (B, Tp, D)
+        Tp, Ts = x.shape[1], batch["suffix"].shape[1]
+        x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
+        h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
+        return h[:, Tp:], kv, prefix_valid
+
+    def _expert(self, x_tau, tau, kv, prefix_valid):
+        Tp, H = prefix_valid.shape[1], x_tau.shape[1]
+        # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
+        # inference none do; numbering them after the FAST tokens would shift them between train and test
+        pos = torch.arange(Tp, Tp + H, device=x_tau.device)
+        return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_actions(self, batch, num_steps=10, noise=None):
+        """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to tau=0
+        with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting point (drawn if
+        None). -> (B, H, A) actions, on the model's device."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
+        B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
+        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)  # (B, H, A), tau = 1
+        dt = 1.0 / num_steps
+        for i in range(num_steps):
+            tau = torch.full((B,), 1.0 - i * dt, device=self.device)
+            x = x - dt * self._expert(x, tau, kv, valid).float()  # x_{tau - dt} = x_tau - dt * v(x_tau, tau)
+        return self._unnormalize(x)
+
+    def _unnormalize(self, actions):
+        if self.action_norm is None:
+            return actions
+        return (actions.double() * self.action_scale + self.action_mid).float()  # QuantileNorm.inverse, in float64
+
+    @torch.no_grad()
+    def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
+        """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens after
+        "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly), on the model's device.
+        stop_at_eos=False always decodes max_tokens (fair timing of an untrained model)."""
+        return self.decode_fast_tokens(self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
+
+    @torch.no_grad()
+    def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
+        """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are fixed and it
+        never reads a value back to Python, so it can be captured as one CUDA graph (train_toy.graphed_fast)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        vocab, dev = self.vocab, self.device
+        max_tokens = max_tokens or self.cfg.suffix_len
+        x, valid = self.backbone.embed_prefix(batch)
+        B, Tp = valid.shape
+        act = torch.full((B, 1), vocab.action, device=dev)
+        x = torch.cat([x, self.backbone.embed(act)], 1)  # (B, Tp + 1, D)
+        h, cache = self.backbone(x, torch.arange(Tp + 1, device=dev), prefix_lm_mask(valid, 1))
+        out = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_tokens):
+            nxt = self.backbone.lm_head(h[:, -1]).argmax(-1)  # (B,)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == vocab.eos
+            if (stop_at_eos and done.all()) or t == max_tokens - 1:
+                break
+            if use_cache:  # one new token attends to everything before it
+                T = Tp + 1 + out.shape[1]
+                mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
+                h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.full((1,), T - 1, device=dev),
+                                         mask, cache)
+            else:  # recompute the whole sequence: the reference the cache must match
+                seq = torch.cat([act, out], 1)
+                xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
+                h, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
+        return out
+
+    def decode_fast_tokens(self, tokens):
+        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded, unnormalised."""
+        acts, oks = [], []
+        for row in tokens.tolist():
+            ended = self.vocab.eos in row  # no "|" within max_tokens: malformed
+            row = row[:row.index(self.vocab.eos)] if ended else row
+            ids = [t - self.vocab.fast_offset if t >= self.vocab.fast_offset else -1 for t in row]  # words -> invalid
+            a, ok = self.fast_tokenizer.decode(ids, return_valid=True)
+            acts.append(a)
+            oks.append(ok and ended)
+        actions = torch.from_numpy(np.stack(acts)).to(tokens.device)  # (B, H, A)
+        return self._unnormalize(actions), torch.tensor(oks, device=tokens.device)
+
+    @torch.no_grad()
+    def predict_actions(self, batch, num_steps=10, noise=None):
+        """The variant's own inference: AR FAST decoding for `fast`, flow sampling for the others."""
+        if self.cfg.variant == "fast":
+            return self.generate_fast_actions(batch)[0]
+        return self.sample_actions(batch, num_steps, noise)
+
+    # -- data -----------------------------------------------------------------------------------
+    def make_batch(self, observations, actions=None):
+        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors (see BATCH_KEYS).
+        An observation with an "answer" key is a VQA row: its answer (words, or a list of state-bin
+        ints) becomes the suffix and it gets no action loss."""
+        cfg, vocab = self.cfg, self.vocab
+        B, Tt, Ts = len(observations), cfg.text_len, cfg.suffix_len
+        if actions is not None:
+            actions = np.asarray(actions, dtype=np.float32)
+            if actions.shape != (B, cfg.action_horizon, cfg.action_dim):
+                raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), got {actions.shape}")
+            actions = self.action_norm(actions) if self.action_norm else actions  # -> about [-1, 1]
+        out = {"image": np.stack([o["image"] for o in observations]),
+               "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, cfg.state_dim), np.int64),
+               "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
+               "actions": np.zeros((B, cfg.action_horizon, cfg.action_dim), np.float32),
+               "has_actions": np.zeros(B, bool)}
+        fast = self.fast_tokenizer.encode_batch(actions) if actions is not None and cfg.use_fast else None
+        if out["image"].shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(f"images must be ({cfg.image_size}, {cfg.image_size}, 3), got {out['image'].shape[1:]}")
+        for i, o in enumerate(observations):
+            words, _ = vocab.words(o["instruction"])
+            if len(words) > Tt:
+                raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: {o['instruction']!r}")
+            out["text"][i, :len(words)] = words
+            if np.shape(o["state"]) != (cfg.state_dim,):
+                raise ValueError(f"state must have state_dim={cfg.state_dim} numbers, got shape {np.shape(o['state'])}")
+            xy = o["state"] if self.state_norm is None else (self.state_norm(o["state"]) + 1) / 2  # -> about [0, 1]
+            out["state"][i] = vocab.state(xy)
+            seq = []
+            if "answer" in o:  # VQA row: "Answer:" answer... "|"
+                ans = o["answer"]
+                ans = ([vocab.state_offset + int(a) for a in ans] if isinstance(ans, (list, tuple))
+                       else vocab.words(ans)[0])
+                seq = [vocab.answer] + ans + [vocab.eos]
+            elif actions is not None:
+                out["actions"][i], out["has_actions"][i] = actions[i], True
+                if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
+                    seq = [vocab.action] + [vocab.fast_offset + t for t in fast[i]] + [vocab.eos]
+            if seq:  # next-token prediction: inputs seq[:-1], targets seq[1:] ("Action:" only in, "|" only out)
+                out["suffix"][i, :len(seq) - 1] = seq[:-1]
+                out["suffix_target"][i, :len(seq) - 1] = seq[1:]
+        batch = {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
+        batch["text_valid"] = batch["text"] != vocab.pad
+        batch["suffix_loss"] = batch["suffix_target"] != vocab.pad
+        return batch
+
+    def _check_batch(self, batch):
+        """pi0 trains without FAST tokens: a batch built for another variant is refused (in eager mode only:
+        the check reads a value back to Python)."""
+        if not self.cfg.use_fast and _eager() and (batch["suffix"] >= self.vocab.fast_offset).any():
+            raise ValueError(f"variant {self.cfg.variant!r} trains without FAST tokens, but the batch has some: "
+                             "build batches with this model's make_batch")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, path, **extra):
+        norms = {k: n.state_dict()
+                 for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
+        if isinstance(self.backbone, HFBackbone):  # enough to rebuild the VLM's architecture; weights are in "model"
+            extra["hf_backbone"] = self.backbone.architecture()
+        torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
+                    "fast_tokenizer": self.fast_tokenizer.state_dict(), **norms, **extra}, path)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", tokenizer=None, **overrides):
+        """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True).
+        tokenizer: the VLM's text tokenizer, for a checkpoint trained with one (it is not stored)."""
+        ck = torch.load(path, map_location=device, weights_only=True)
+        norms = {k: QuantileNorm(**ck[k]) for k in ("action_norm", "state_norm") if k in ck}
+        backbone = HFBackbone.from_architecture(ck["hf_backbone"], tokenizer) if "hf_backbone" in ck else None
+        known = {f.name for f in fields(Config)}  # a setting since removed (e.g. flow_samples) is dropped
+        cfg = Config(**{**{k: v for k, v in ck["config"].items() if k in known}, **overrides})
+        model = cls(cfg, FASTTokenizer.from_state_dict(ck["fast_tokenizer"]),
+                    **norms, backbone=backbone)
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:  # a shape differs: e.g. a checkpoint built with another toy vocabulary (WORDS)
+            raise ValueError(f"{path} does not fit this kivla's model (from an older version?): "
+                             f"{str(e)[:300]}") from None
+        return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma), as pi0 and KI use
+# ------------------------------------------------------------------------------------------------
+# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works unchanged:
+#   hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
+#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, AutoProcessor.from_pretrained(...).tokenizer))
+
+
+class HFBackbone(nn.Module):
+    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own LM head.
+
+    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE base), and
+    reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys after RoPE, with the
+    same rotate-half convention and frequencies as `rope`, at the positions we pass (0..Tp-1 for the prefix;
+    PaliGemma's own forward counts from 1, which no relative position can tell apart).
+    """
+
+    def __init__(self, hf_model, tokenizer=None):
+        super().__init__()
+        import transformers  # noqa: F401  (the optional dependency, only here)
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ImportError(f"HFBackbone needs transformers >= 5 (found {transformers.__version__}): "
+                              "pip install -U transformers")
+        self.hf, self.tokenizer = hf_model, tokenizer
+        tc = hf_model.config.text_config
+        rope = getattr(tc, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} "
+                             "is not supported by the expert's rope()")
+        if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
+            raise ValueError("HFBackbone passes boolean attention masks: "
+                             "load the model with attn_implementation='sdpa'")
+        self.n_layer, self.n_head, self.n_kv_head = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
+        self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
+        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values` (argument and output)
+        lm_args = inspect.signature(hf_model.model.language_model.forward).parameters
+        self.cache_name = "cache" if "cache" in lm_args else "past_key_values"
+
+    def architecture(self):
+        """What from_architecture needs to rebuild this model with random weights (a checkpoint has the rest)."""
+        return {"class": type(self.hf).__name__, "config": self.hf.config.to_json_string()}
+
+    @staticmethod
+    def from_architecture(arch, tokenizer=None):
+        import json
+        import transformers
+        cls = getattr(transformers, arch["class"])
+        return HFBackbone(cls(cls.config_class.from_dict(json.loads(arch["config"]))), tokenizer)
+
+    def embed(self, ids):
+        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own scaling)."""
+        return self.hf.model.language_model.embed_tokens(ids)  # (B, T, D)
+
+    def lm_head(self, hidden):
+        return self.hf.lm_head(hidden)  # (B, T, V), tied to the embedding as in Gemma
+
+    def embed_prefix(self, batch):
+        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image tokens,
+        then [image | text | state] as the toy. Image tokens enter unscaled, as in PaliGemma's own forward."""
+        x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        img = self.hf.model.get_image_features(x.to(self.hf.dtype)).pooler_output  # (B, Ti, D)
+        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]), self.embed(batch["state"])], 1)
+        return x, prefix_valid(batch, img.shape[1])
+
+    def forward(self, x, pos, mask, cache=None):
+        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF uses a 4-D
+        mask as given), the cache as a list of per-layer (k, v), and the keys/values come back the same way."""
+        from transformers import DynamicCache
+        past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
+        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos[None],
+                                           use_cache=True, **{self.cache_name: past})
+        return out.last_hidden_state, [(layer.keys, layer.values) for layer in getattr(out, self.cache_name).layers]
+
+
+def tiny_paligemma(cfg, fast_vocab_size):
+    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub), shaped like
+    the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with cfg's width, depth, heads
+    and head size, and Gemma 2B's single key/value head unless cfg.n_kv_head says otherwise. Its vocabulary
+    is just big enough for the toy's words, state bins, markers, FAST ids and the 128 reserved ids."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
+    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width,
+                  num_hidden_layers=cfg.vit_layers, num_attention_heads=4, image_size=cfg.image_size,
+                  patch_size=cfg.patch_size, projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
+    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1,
+                head_dim=cfg.head_dim, vocab_size=V)
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text,
+                                                             projection_dim=cfg.d_model, image_token_index=V - 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. The toy world, 1: push the <colour> block to the <corner> corner (a gymnasium env)
 # ------------------------------------------------------------------------------------------------
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
@@ -417,8 +1203,9 @@ class PushEnv(gymnasium.Env):
 gymnasium.register(id="kivla/Push-v0", entry_point=PushEnv)
 
 
-def expert_action(env, noise=0.0, rng=None):
-    """Scripted pushing oracle (Language Table style): get behind the block, then push it to the goal.
+def scripted_action(env, noise=0.0, rng=None):
+    """The scripted policy that demonstrates the task (a pushing oracle, Language Table style; not to be
+    confused with the action expert, the network): get behind the block, then push it to the goal.
 
     A plain function of the env's true state. Proportional control saturating at speed 1 keeps the
     actions smooth (so the DCT compresses them). With noise > 0 it returns the clean action plus
@@ -451,8 +1238,11 @@ def expert_action(env, noise=0.0, rng=None):
     return np.clip(v, -1.0, 1.0).astype(np.float32)
 
 
+expert_action = scripted_action  # its earlier name, which external checks and course material use
+
+
 # ------------------------------------------------------------------------------------------------
-# 3. Toy vision-language data: questions about a scene, covering every word the instructions use
+# 10. The toy world, 2: vision-language data, questions about a scene covering every instruction word
 # ------------------------------------------------------------------------------------------------
 # A real VLA starts from a VLM that already knows what "red" and "top left" mean. Our stand-in for that
 # knowledge is toy VQA on the same scenes; the backbone is pre-trained on it and co-trained with it.
@@ -495,7 +1285,7 @@ def make_vqa(env, rng):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. One vocabulary for the backbone: specials | words | 256 state bins | FAST ids (last, as openpi)
+# 11. One vocabulary for the backbone: specials | words | 256 state bins | FAST ids (last, as openpi)
 # ------------------------------------------------------------------------------------------------
 
 SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
@@ -549,770 +1339,6 @@ class Vocab:
         """pi0.5 feeds proprioception as text: each coordinate in [0, 1] -> one of 256 bin tokens."""
         b = np.clip((np.asarray(xy, dtype=np.float64) * self.state_bins).astype(int), 0, self.state_bins - 1)
         return (b + self.state_offset).tolist()
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Config: one dataclass, stored in every checkpoint
-# ------------------------------------------------------------------------------------------------
-
-import torch  # noqa: E402  (the numpy-only tokenizer and env above do not need torch)
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-VARIANTS = ("ki", "joint", "pi0", "fast")
-
-
-@dataclass
-class Config:
-    variant: str = "ki"         # ki: CE(FAST)+flow, stop-gradient | joint: same, no stop-gradient
-                                # pi0: flow only, no FAST tokens | fast: CE(FAST) only, AR decoding
-    flow_weight: float = 1.0    # alpha in  loss = CE + alpha * flow-MSE  (0 allowed)
-    action_horizon: int = 10    # H, actions per chunk
-    action_dim: int = 2         # A
-    image_size: int = 64        # S, must match the env's observation
-    patch_size: int = 16        # -> (S / patch)^2 image tokens (16): few tokens keep the CPU budget
-    vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs (Xiao et al. 2021) | "patchify": one conv
-    film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
-    coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB (CoordConv)
-    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3; see Block)
-    vit_width: int = 64         # ViT width (SigLIP analog)
-    vit_layers: int = 2         # ViT transformer blocks after the conv stem
-    d_model: int = 64           # backbone width (Gemma analog)
-    n_layer: int = 4            # shared by backbone and action expert (attention is mixed per layer)
-    n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
-    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention (Gemma 2B: 1)
-    head_dim: int = 16          # per attention head, shared by backbone and expert
-    rope_theta: float = 10000.0  # RoPE base (a real VLM's expert takes its VLM's)
-    expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
-    text_len: int = 12          # Tt, words of instruction / question (padded)
-    state_bins: int = 256       # pi0.5: proprioception as discrete tokens
-    state_dim: int = 2          # Ds, proprioception numbers per step (the toy: pusher x, y), one token each
-    flow_samples: int = 1       # (noise, tau) draws per robot row in the flow loss, sharing one prefix pass
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        if self.flow_samples < 1:
-            raise ValueError(f"flow_samples must be >= 1, got {self.flow_samples}")
-        if not self.flow_weight >= 0:
-            raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
-        if self.vit_stem not in ("conv", "patchify"):
-            raise ValueError(f"vit_stem must be 'conv' or 'patchify', got {self.vit_stem!r}")
-        if self.image_size % self.patch_size or (self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
-                             "(a power of two for the conv stem)")
-
-    # derived from `variant` only, never set twice
-    @property
-    def stop_gradient(self):
-        return self.variant == "ki"
-
-    @property
-    def use_fast(self):
-        return self.variant in ("ki", "joint", "fast")
-
-    @property
-    def use_flow(self):
-        return self.variant != "fast"
-
-    @property
-    def n_image_tokens(self):
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def prefix_len(self):
-        return self.n_image_tokens + self.text_len + self.state_dim  # Tp: image | text | state
-
-    @property
-    def suffix_len(self):
-        return self.action_horizon * self.action_dim + 1  # Ts: "Action:" + worst case one id per coefficient
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. Transformer pieces shared by the ViT, the backbone and the action expert
-# ------------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return rms_norm(x, self.weight)
-
-
-def rms_norm(x, weight):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-
-
-def rope_angles(pos, head_dim, theta=10000.0):
-    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin, each (T, hs).
-    Computed once per forward pass and shared by every layer. Same frequencies as HF Gemma's rotary embedding.
-    sin carries the rotation's sign ([-sin | sin]), so that rope() is two multiplies and an add."""
-    half = head_dim // 2
-    freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
-    ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
-    cos, sin = ang.cos(), ang.sin()
-    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # (T, hs) each
-
-
-def rope(x, cos, sin):
-    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i, i.e.
-    [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
-    half = x.shape[-1] // 2
-    return x * cos.to(x.dtype) + torch.cat([x[..., half:], x[..., :half]], -1) * sin.to(x.dtype)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: attention + gated MLP. Used three ways:
-    ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
-    (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
-
-    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0, qk_norm=False):
-        super().__init__()
-        self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
-        assert n_head % self.n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}"
-        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
-        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)  # [q | k | v] rows
-        self.proj = nn.Linear(n_head * head_dim, width, bias=False)
-        self.fc_gate = nn.Linear(width, 4 * width, bias=False)
-        self.fc_up = nn.Linear(width, 4 * width, bias=False)
-        self.fc_down = nn.Linear(4 * width, width, bias=False)
-        # pi0.5's adaRMSNorm [3]: the condition predicts a scale, shift and gate per sub-block
-        self.ada = nn.Linear(cond_dim, 6 * width) if cond_dim else None
-        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at about unit
-        # size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's attention can stay uniform
-        # for its whole pretraining: no image question rises above chance (the grounding plateau).
-        self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm else (None, None)
-
-    def norm_and_rotate(self, qk, rot=None):
-        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once. Speed trick: one op
-        for both instead of one each (a step of the toy is thousands of small ops), ~4% of a CPU training step."""
-        if self.q_norm is not None:
-            nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs), self.k_norm.weight.expand(nkv, 1, hs)]))
-        return qk if rot is None else rope(qk, *rot)
-
-    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
-        """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
-        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
-        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the expert, decoding).
-        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for the action
-        expert, the backbone's prefix keys/values of the same layer (the mixture of transformers).
-        cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
-        B, T, _ = x.shape
-        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        if cond is not None:  # adaRMSNorm: (1 + scale), shift and (1 + gate) per sub-block, the identity at zero
-            s1, b1, g1, s2, b2, g2 = self.ada(cond)[:, None].chunk(6, dim=-1)  # (B, 1, W) each
-        # 1) attention
-        h = self.norm1(x) if cond is None else self.norm1(x) * (1 + s1) + b1
-        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)  # (B, heads, T, hs)
-        q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
-        keys, values = k, v
-        if past_kv is not None:  # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
-            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, nkv, Tpast + T, hs)
-        # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)  # (B, nh, T, hs)
-        a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
-        x = x + a if cond is None else x + (1 + g1) * a
-        # 2) gated MLP (GeGLU, as in Gemma)
-        h = self.norm2(x) if cond is None else self.norm2(x) * (1 + s2) + b2
-        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W)
-        x = x + m if cond is None else x + (1 + g2) * m
-        return x, (k, v)
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. ViT image encoder (SigLIP analog): a conv stem -> patch tokens -> transformer -> backbone width
-# ------------------------------------------------------------------------------------------------
-
-
-class ToyStem(nn.Module):
-    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale deviations"), both
-    switchable. A real VLA's SigLIP arrives pre-trained; this one learns from scratch in a few thousand steps, so:
-      - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
-        translation-equivariant, but every answer and action here needs absolute position ("the top left corner").
-      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels (early fusion).
-        Without it the ViT learns far more slowly which blob a colour word such as "red" names.
-    image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
-
-    def __init__(self, cfg, n_words):
-        super().__init__()
-        w, self.coord = cfg.vit_width, cfg.coord_stem
-        c_in = 5 if cfg.coord_stem else 3
-        if cfg.vit_stem == "conv":  # 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
-            n = int(math.log2(cfg.patch_size))
-            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
-            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
-        else:  # one patchify conv, as SigLIP
-            chans = [c_in, w]
-            self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
-        self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
-        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it alone: a strong random
-        # FiLM from the start (std 0.3) lets colour words change the image tokens at once
-        self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
-            if cfg.film_stem and self.hidden else None  # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
-
-    def forward(self, image, text, text_valid):
-        x = image.float() / 127.5 - 1.0  # (B, S, S, 3) in [-1, 1]
-        if self.coord:
-            B, S = x.shape[:2]
-            c = torch.linspace(-1, 1, S, device=x.device)
-            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2): x left to right, y top to bottom
-            x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
-        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's conv kernels
-        # (oneDNN) run fastest on: the stem's convolutions are the largest single cost of a CPU training step
-        x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
-        if self.film is not None:
-            m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
-            film = ((F.embedding(text, self.film) * m).sum(1)
-                    / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
-        for i, conv in enumerate(self.convs):
-            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
-            if i < len(self.convs) - 1:
-                if self.film is not None:
-                    g, b = film[i][:, :, None, None].chunk(2, dim=1)  # (B, C_i, 1, 1) each
-                    x = x * (1 + g) + b
-                x = F.gelu(x)
-        return x
-
-
-class ViT(nn.Module):
-    def __init__(self, cfg, n_words):
-        super().__init__()
-        w = cfg.vit_width
-        self.stem = ToyStem(cfg, n_words)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))  # learned 2-D positions, flattened
-        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm) for _ in range(cfg.vit_layers))
-        self.norm = RMSNorm(w)
-        self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
-
-    def forward(self, image, text, text_valid):
-        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them) -> image tokens (B, Ti, D)."""
-        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb  # (B, Ti, W)
-        for blk in self.blocks:
-            x, _ = blk(x)
-        return self.proj(self.norm(x))  # (B, Ti, D)
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. Backbone (Gemma analog): decoder-only transformer over [prefix | suffix], prefix-LM mask
-# ------------------------------------------------------------------------------------------------
-
-
-def prefix_lm_mask(prefix_valid, n_suffix):
-    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix causal,
-    the prefix never sees the suffix; padded text keys are hidden.
-    e.g. 3 prefix + 2 suffix tokens (rows = queries):  1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1"""
-    B, Tp = prefix_valid.shape
-    i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
-    allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
-    key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_suffix)], 1)  # (B, T)
-    return (allowed[None] & key_valid[:, None, :]).unsqueeze(1)
-
-
-def expert_mask(prefix_valid, H):
-    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H action keys
-    (bidirectional among themselves). The suffix (FAST tokens) is not even among its keys."""
-    return torch.cat([prefix_valid, prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
-
-
-class Backbone(nn.Module):
-    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over [prefix | suffix].
-
-    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 11) implements the
-    same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks inside either:
-      embed_prefix(batch) -> prefix embeddings (B, Tp, D), prefix_valid (B, Tp)     [image | text | state]
-      embed(ids)          -> token embeddings (B, T, D)                              (suffix tokens)
-      forward(x, pos, mask, cache=None) -> hidden (B, T, D), per-layer [(k, v)]      (HF: past_key_values)
-      lm_head(hidden)     -> logits (B, T, V)
-      n_layer, n_head, n_kv_head, head_dim, rope_theta: the shapes the action expert must match
-    """
-
-    def __init__(self, cfg, vocab):
-        super().__init__()
-        self.n_layer, self.n_head, self.n_kv_head = cfg.n_layer, cfg.n_head, cfg.n_kv_head or cfg.n_head
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
-        self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
-        self.embed = nn.Embedding(vocab.size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head,
-                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied, as in Gemma
-
-    def embed_prefix(self, batch):
-        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
-        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
-        x = torch.cat([img, self.embed(batch["text"]), self.embed(batch["state"])], 1)
-        return x, prefix_valid(batch, img.shape[1])
-
-    def forward(self, x, pos, mask, cache=None):
-        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
-        computed by the caller only where needed: the vocabulary projection is the costliest matmul),
-        per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
-        kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
-        for i, blk in enumerate(self.blocks):
-            x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
-            if cache is not None:
-                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-            kv.append((k, v))
-        return self.norm(x), kv
-
-
-def prefix_valid(batch, n_image_tokens):
-    """(B, Tp) bool: every image and state token is real, text padding is not."""
-    img = batch["text_valid"].new_ones(len(batch["text_valid"]), n_image_tokens)
-    return torch.cat([img, batch["text_valid"], torch.ones_like(batch["state"], dtype=torch.bool)], 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. Action expert: a narrower transformer over the noisy action chunk, conditioned on tau
-# ------------------------------------------------------------------------------------------------
-
-
-class ActionExpert(nn.Module):
-    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's keys),
-    its own, narrower weights: pi0's mixture of transformers. Flow time enters through adaRMSNorm
-    (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not just the input."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        w = cfg.expert_width
-        self.in_proj = nn.Linear(cfg.action_dim, w)
-        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head,
-                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(w)
-        self.out_proj = nn.Linear(w, cfg.action_dim)
-        self.rope_theta = cfg.rope_theta
-
-    def time_embedding(self, tau):
-        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4 (as in openpi)."""
-        half = self.in_proj.out_features // 2
-        period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
-        ang = 2 * math.pi * tau[:, None].float() / period[None]
-        return torch.cat([ang.sin(), ang.cos()], -1)
-
-    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
-        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs), prefix_valid (B, Tp),
-        pos (H,) -> predicted velocity (B, H, A)."""
-        B, H, _ = x_tau.shape
-        x = self.in_proj(x_tau)  # (B, H, W)
-        cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
-        mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
-        rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
-        for blk, kv in zip(self.blocks, prefix_kv):
-            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)  # layer l reads the backbone's layer l
-        return self.out_proj(self.norm(x))  # (B, H, A)
-
-
-# ------------------------------------------------------------------------------------------------
-# 10. KIVLA: batches, the KI loss, flow sampling with a KV cache, and the AR FAST baseline
-# ------------------------------------------------------------------------------------------------
-
-def _eager():
-    """False while torch.compile traces or a CUDA graph captures: checks that read a value back to Python (a host
-    sync) run only in eager mode."""
-    return not torch.compiler.is_compiling() and not (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-BATCH_KEYS = """
-  image         uint8 (B, S, S, 3)   camera image, the only place block positions live
-  text          long  (B, Tt)        instruction (robot rows) or question (VQA rows), <pad>-filled
-  text_valid    bool  (B, Tt)        False at padding (hidden from attention)
-  state         long  (B, Ds)        proprioception as state-bin token ids (the toy: pusher x, y)
-  suffix        long  (B, Ts)        backbone input after the prefix: "Action:" fast_tokens... or "Answer:" words...
-  suffix_target long  (B, Ts)        next-token targets for `suffix` (ends with "|")
-  suffix_loss   bool  (B, Ts)        which suffix targets get cross-entropy
-  actions       float (B, H, A)      clean action chunk (zeros on VQA rows)
-  has_actions   bool  (B,)           robot rows (get the flow loss) vs VQA rows
-"""
-
-
-class KIVLA(nn.Module):
-    __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
-
-    def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None, backbone=None):
-        """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data already
-        lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies them, the
-        samplers undo the action one, checkpoints store both.
-        backbone: None builds the toy VLM from cfg; or an HFBackbone (a real VLM). The action expert is then
-        built to match it (its layers, heads, key/value heads, head size and RoPE base replace cfg's)."""
-        super().__init__()
-        assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
-            f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
-            f"({cfg.action_horizon}, {cfg.action_dim})")
-        if backbone is not None:
-            cfg = replace(cfg, **{k: getattr(backbone, k)
-                                  for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
-        self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
-        self.action_norm, self.state_norm = action_norm, state_norm
-        if action_norm is not None:  # its inverse on the model's device (the samplers undo it without a host copy)
-            mid, scale = (torch.tensor(x) for x in ((action_norm.lo + action_norm.hi) / 2, action_norm.scale))  # (A,)
-            self.register_buffer("action_mid", mid, persistent=False)  # not saved: the checkpoint keeps the norm
-            self.register_buffer("action_scale", scale, persistent=False)
-        if backbone is None:
-            self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
-            self.backbone = Backbone(cfg, self.vocab)
-        else:  # our ids inside the VLM's vocabulary (text from its tokenizer if it has one)
-            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size, cfg.state_bins,
-                                      backbone.tokenizer)
-            self.backbone = backbone
-        self.action_expert = ActionExpert(cfg)
-        for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
-            m.apply(self._init_weights)  # a real VLM keeps its own (pre-trained) weights
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Conv2d):  # subtle: PyTorch's default conv init shrinks the signal at every
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # layer until the biases drown the image
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def num_params(self):
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"backbone (VLM)": count(self.backbone), "action_expert": count(self.action_expert)}
-
-    @property
-    def device(self):
-        return self.action_expert.out_proj.weight.device
-
-    # -- data -----------------------------------------------------------------------------------
-    def make_batch(self, observations, actions=None):
-        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors (see BATCH_KEYS).
-        An observation with an "answer" key is a VQA row: its answer (words, or a list of state-bin
-        ints) becomes the suffix and it gets no action loss."""
-        cfg, vocab = self.cfg, self.vocab
-        B, Tt, Ts = len(observations), cfg.text_len, cfg.suffix_len
-        if actions is not None:
-            actions = np.asarray(actions, dtype=np.float32)
-            if actions.shape != (B, cfg.action_horizon, cfg.action_dim):
-                raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), got {actions.shape}")
-            actions = self.action_norm(actions) if self.action_norm else actions  # -> about [-1, 1]
-        out = {"image": np.stack([o["image"] for o in observations]),
-               "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, cfg.state_dim), np.int64),
-               "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
-               "actions": np.zeros((B, cfg.action_horizon, cfg.action_dim), np.float32),
-               "has_actions": np.zeros(B, bool)}
-        fast = self.fast_tokenizer.encode_batch(actions) if actions is not None and cfg.use_fast else None
-        if out["image"].shape[1:] != (cfg.image_size, cfg.image_size, 3):
-            raise ValueError(f"images must be ({cfg.image_size}, {cfg.image_size}, 3), got {out['image'].shape[1:]}")
-        for i, o in enumerate(observations):
-            words, _ = vocab.words(o["instruction"])
-            if len(words) > Tt:
-                raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: {o['instruction']!r}")
-            out["text"][i, :len(words)] = words
-            if np.shape(o["state"]) != (cfg.state_dim,):
-                raise ValueError(f"state must have state_dim={cfg.state_dim} numbers, got shape {np.shape(o['state'])}")
-            xy = o["state"] if self.state_norm is None else (self.state_norm(o["state"]) + 1) / 2  # -> about [0, 1]
-            out["state"][i] = vocab.state(xy)
-            seq = []
-            if "answer" in o:  # VQA row: "Answer:" answer... "|"
-                ans = o["answer"]
-                ans = ([vocab.state_offset + int(a) for a in ans] if isinstance(ans, (list, tuple))
-                       else vocab.words(ans)[0])
-                seq = [vocab.answer] + ans + [vocab.eos]
-            elif actions is not None:
-                out["actions"][i], out["has_actions"][i] = actions[i], True
-                if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
-                    seq = [vocab.action] + [vocab.fast_offset + t for t in fast[i]] + [vocab.eos]
-            if seq:  # next-token prediction: inputs seq[:-1], targets seq[1:] ("Action:" only in, "|" only out)
-                out["suffix"][i, :len(seq) - 1] = seq[:-1]
-                out["suffix_target"][i, :len(seq) - 1] = seq[1:]
-        batch = {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
-        batch["text_valid"] = batch["text"] != vocab.pad
-        batch["suffix_loss"] = batch["suffix_target"] != vocab.pad
-        return batch
-
-    # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it) ----
-    def backbone_prefix_kv(self, batch):
-        """What the action expert reads: per-layer [(k, v)] over the prefix, each (B, n_kv_head, Tp, head_dim)
-        with RoPE applied at positions 0..Tp-1, and prefix_valid (B, Tp)."""
-        x, valid = self.backbone.embed_prefix(batch)
-        _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device), prefix_lm_mask(valid, 0))
-        return kv, valid
-
-    def forward_vlm(self, batch):
-        """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states (B, Ts, D),
-        per-layer [(k, v)] over all Tp + Ts tokens, prefix_valid (B, Tp)."""
-        x, prefix_valid = self.backbone.embed_prefix(batch)  # (B, Tp, D)
-        Tp, Ts = x.shape[1], batch["suffix"].shape[1]
-        x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
-        h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
-        return h[:, Tp:], kv, prefix_valid
-
-    def _expert(self, x_tau, tau, kv, prefix_valid):
-        Tp, H = prefix_valid.shape[1], x_tau.shape[1]
-        # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
-        # inference none do; numbering them after the FAST tokens would shift them between train and test
-        pos = torch.arange(Tp, Tp + H, device=x_tau.device)
-        return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
-
-    # -- training -------------------------------------------------------------------------------
-    def compute_loss(self, batch, noise=None, time=None):
-        """loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
-        noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
-        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you log: reading
-        one waits for the device, so the training loop does it every few steps, not every step)."""
-        ce, flow = self.loss_terms(batch, noise, time)
-        # (no flow term without an expert: a constant 0 added to ce made inductor drop the loss's grad, torch 2.13)
-        loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce
-        return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
-
-    def loss_terms(self, batch, noise=None, time=None):
-        """The two terms of the loss, each a 0-d tensor with its graph: -> ce, flow (flow = 0 without an expert).
-        Every shape here is fixed by the batch's shape, whatever its mix of robot and VQA rows: masks instead
-        of boolean indexing, so the step runs as one graph (torch.compile, CUDA graphs) with no host syncs."""
-        cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
-        if not cfg.use_fast and _eager():
-            self._check_no_fast_tokens(batch)
-        # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
-        h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
-        Tp = prefix_valid.shape[1]
-        # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone learns actions
-        m = batch["suffix_loss"].float()  # (B, Ts): 1 where a target gets the loss
-        logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), batch["suffix_target"].flatten(), reduction="none")  # (B * Ts,)
-        ce = (ce * m.flatten()).sum() / m.sum().clamp(min=1)  # mean over the real targets
-        flow = h.new_zeros(())
-        # 3) flow matching for the action expert; computed on every row, counted on robot rows only
-        if cfg.use_flow:
-            kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
-            if cfg.stop_gradient:
-                # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a stop-gradient.
-                # The forward pass is unchanged; the flow loss just cannot push gradients into the VLM.
-                kv = [(k.detach(), v.detach()) for k, v in kv]
-            n = cfg.flow_samples  # several (noise, tau) draws per prefix: the prefix is paid for once, and the
-            kv = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in kv]  # expert is cheap next to it
-            valid, actions = prefix_valid.repeat(n, 1), batch["actions"].repeat(n, 1, 1)  # (nB, Tp), (nB, H, A)
-            noise = torch.randn_like(actions) if noise is None else noise.to(actions.device).repeat(n, 1, 1)
-            if time is None:  # tau ~ Beta(1.5, 1) on [0.001, 1], more weight on noisy times (pi0 [2]): its CDF is
-                # tau^1.5, so tau = U^(1 / 1.5) for U uniform (one kernel, no sampler object inside the step)
-                time = torch.rand(len(actions), device=actions.device) ** (1 / 1.5) * 0.999 + 0.001
-            else:
-                time = time.to(actions.device).repeat(n)
-            tau = time[:, None, None]  # (nB, 1, 1)
-            x_tau = tau * noise + (1 - tau) * actions  # tau = 1 is pure noise, 0 the clean chunk
-            u = noise - actions  # target velocity d x_tau / d tau
-            v = self._expert(x_tau, time, kv, valid)  # (nB, H, A)
-            r = batch["has_actions"].float().repeat(n)  # (nB,): VQA rows have no actions to learn
-            flow = (((v.float() - u) ** 2).mean((1, 2)) * r).sum() / r.sum().clamp(min=1)
-        return ce, flow
-
-    def _check_no_fast_tokens(self, batch):
-        if (batch["suffix"] >= self.vocab.fast_offset).any():
-            raise ValueError(f"variant {self.cfg.variant!r} trains without FAST tokens, but the batch has some: "
-                             "build batches with this model's make_batch")
-
-    def forward(self, batch, noise=None, time=None):
-        """Calling the model is its training loss, so DistributedDataParallel and torch.compile can wrap it."""
-        return self.compute_loss(batch, noise, time)
-
-    # -- inference ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_actions(self, batch, num_steps=10, noise=None):
-        """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to tau=0
-        with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting point (drawn if
-        None). -> (B, H, A) actions, on the model's device."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
-        B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
-        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)  # (B, H, A), tau = 1
-        dt = 1.0 / num_steps
-        for i in range(num_steps):
-            tau = torch.full((B,), 1.0 - i * dt, device=self.device)
-            x = x - dt * self._expert(x, tau, kv, valid).float()  # x_{tau - dt} = x_tau - dt * v(x_tau, tau)
-        return self._unnormalize(x)
-
-    def _unnormalize(self, actions):
-        if self.action_norm is None:
-            return actions
-        return (actions.double() * self.action_scale + self.action_mid).float()  # QuantileNorm.inverse, in float64
-
-    @torch.no_grad()
-    def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
-        """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens after
-        "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly), on the model's device.
-        stop_at_eos=False always decodes max_tokens (fair timing of an untrained model)."""
-        return self.decode_fast_tokens(self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
-
-    @torch.no_grad()
-    def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
-        """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are fixed and it
-        never reads a value back to Python, so it can be captured as one CUDA graph (train_toy.graphed_fast)."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        vocab, dev = self.vocab, self.device
-        max_tokens = max_tokens or self.cfg.suffix_len
-        x, valid = self.backbone.embed_prefix(batch)
-        B, Tp = valid.shape
-        act = torch.full((B, 1), vocab.action, device=dev)
-        x = torch.cat([x, self.backbone.embed(act)], 1)  # (B, Tp + 1, D)
-        h, cache = self.backbone(x, torch.arange(Tp + 1, device=dev), prefix_lm_mask(valid, 1))
-        out = torch.zeros(B, 0, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_tokens):
-            nxt = self.backbone.lm_head(h[:, -1]).argmax(-1)  # (B,)
-            out = torch.cat([out, nxt[:, None]], 1)
-            done |= nxt == vocab.eos
-            if (stop_at_eos and done.all()) or t == max_tokens - 1:
-                break
-            if use_cache:  # one new token attends to everything before it
-                T = Tp + 1 + out.shape[1]
-                mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
-                h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.full((1,), T - 1, device=dev),
-                                         mask, cache)
-            else:  # recompute the whole sequence: the reference the cache must match
-                seq = torch.cat([act, out], 1)
-                xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
-                h, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
-        return out
-
-    def decode_fast_tokens(self, tokens):
-        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded, unnormalised."""
-        acts, oks = [], []
-        for row in tokens.tolist():
-            ended = self.vocab.eos in row  # no "|" within max_tokens: malformed
-            row = row[:row.index(self.vocab.eos)] if ended else row
-            ids = [t - self.vocab.fast_offset if t >= self.vocab.fast_offset else -1 for t in row]  # words -> invalid
-            a, ok = self.fast_tokenizer.decode(ids, return_valid=True)
-            acts.append(a)
-            oks.append(ok and ended)
-        actions = torch.from_numpy(np.stack(acts)).to(tokens.device)  # (B, H, A)
-        return self._unnormalize(actions), torch.tensor(oks, device=tokens.device)
-
-    @torch.no_grad()
-    def predict_actions(self, batch, num_steps=10, noise=None):
-        """The variant's own inference: AR FAST decoding for `fast`, flow sampling for the others."""
-        if self.cfg.variant == "fast":
-            return self.generate_fast_actions(batch)[0]
-        return self.sample_actions(batch, num_steps, noise)
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, path, **extra):
-        norms = {k: n.state_dict()
-                 for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
-        if isinstance(self.backbone, HFBackbone):  # enough to rebuild the VLM's architecture; weights are in "model"
-            extra["hf_backbone"] = self.backbone.architecture()
-        torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
-                    "fast_tokenizer": self.fast_tokenizer.state_dict(), **norms, **extra}, path)
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", tokenizer=None, **overrides):
-        """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True).
-        tokenizer: the VLM's text tokenizer, for a checkpoint trained with one (it is not stored)."""
-        ck = torch.load(path, map_location=device, weights_only=True)
-        norms = {k: QuantileNorm(**ck[k]) for k in ("action_norm", "state_norm") if k in ck}
-        backbone = HFBackbone.from_architecture(ck["hf_backbone"], tokenizer) if "hf_backbone" in ck else None
-        model = cls(Config(**{**ck["config"], **overrides}), FASTTokenizer.from_state_dict(ck["fast_tokenizer"]),
-                    **norms, backbone=backbone)
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as e:  # a shape differs: e.g. a checkpoint built with another toy vocabulary (WORDS)
-            raise ValueError(f"{path} does not fit this kivla's model (from an older version?): "
-                             f"{str(e)[:300]}") from None
-        return model.to(device).eval()
-
-
-# ------------------------------------------------------------------------------------------------
-# 11. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma), as pi0 and KI use
-# ------------------------------------------------------------------------------------------------
-# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works unchanged:
-#   hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
-#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, AutoProcessor.from_pretrained(...).tokenizer))
-
-
-class HFBackbone(nn.Module):
-    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own LM head.
-
-    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE base), and
-    reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys after RoPE, with the
-    same rotate-half convention and frequencies as `rope`, at the positions we pass (0..Tp-1 for the prefix;
-    PaliGemma's own forward counts from 1, which no relative position can tell apart).
-    """
-
-    def __init__(self, hf_model, tokenizer=None):
-        super().__init__()
-        import transformers  # noqa: F401  (the optional dependency, only here)
-        if int(transformers.__version__.split(".")[0]) < 5:
-            raise ImportError(f"HFBackbone needs transformers >= 5 (found {transformers.__version__}): "
-                              "pip install -U transformers")
-        self.hf, self.tokenizer = hf_model, tokenizer
-        tc = hf_model.config.text_config
-        rope = getattr(tc, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} "
-                             "is not supported by the expert's rope()")
-        if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
-            raise ValueError("HFBackbone passes boolean attention masks: "
-                             "load the model with attn_implementation='sdpa'")
-        self.n_layer, self.n_head, self.n_kv_head = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
-        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
-        self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
-        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values` (argument and output)
-        lm_args = inspect.signature(hf_model.model.language_model.forward).parameters
-        self.cache_name = "cache" if "cache" in lm_args else "past_key_values"
-
-    def architecture(self):
-        """What from_architecture needs to rebuild this model with random weights (a checkpoint has the rest)."""
-        return {"class": type(self.hf).__name__, "config": self.hf.config.to_json_string()}
-
-    @staticmethod
-    def from_architecture(arch, tokenizer=None):
-        import json
-        import transformers
-        cls = getattr(transformers, arch["class"])
-        return HFBackbone(cls(cls.config_class.from_dict(json.loads(arch["config"]))), tokenizer)
-
-    def embed(self, ids):
-        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own scaling)."""
-        return self.hf.model.language_model.embed_tokens(ids)  # (B, T, D)
-
-    def lm_head(self, hidden):
-        return self.hf.lm_head(hidden)  # (B, T, V), tied to the embedding as in Gemma
-
-    def embed_prefix(self, batch):
-        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image tokens,
-        then [image | text | state] as the toy. Image tokens enter unscaled, as in PaliGemma's own forward."""
-        x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        img = self.hf.model.get_image_features(x.to(self.hf.dtype)).pooler_output  # (B, Ti, D)
-        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]), self.embed(batch["state"])], 1)
-        return x, prefix_valid(batch, img.shape[1])
-
-    def forward(self, x, pos, mask, cache=None):
-        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF uses a 4-D
-        mask as given), the cache as a list of per-layer (k, v), and the keys/values come back the same way."""
-        from transformers import DynamicCache
-        past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
-        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos[None],
-                                           use_cache=True, **{self.cache_name: past})
-        return out.last_hidden_state, [(layer.keys, layer.values) for layer in getattr(out, self.cache_name).layers]
-
-
-def tiny_paligemma(cfg, fast_vocab_size):
-    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub), shaped like
-    the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with cfg's width, depth, heads
-    and head size, and Gemma 2B's single key/value head unless cfg.n_kv_head says otherwise. Its vocabulary
-    is just big enough for the toy's words, state bins, markers, FAST ids and the 128 reserved ids."""
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-    V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
-    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width,
-                  num_hidden_layers=cfg.vit_layers, num_attention_heads=4, image_size=cfg.image_size,
-                  patch_size=cfg.patch_size, projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
-    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1,
-                head_dim=cfg.head_dim, vocab_size=V)
-    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text,
-                                                             projection_dim=cfg.d_model, image_token_index=V - 1))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU or one GPU.
 
-  1. demonstrations from the scripted expert (noisy execution, clean labels)
+  1. demonstrations from the scripted policy (noisy execution, clean labels)
   2. fit the FAST tokenizer on the demo action chunks
   3. toy "VLM pretraining": VQA about random scenes (the knowledge a real VLM would bring)
   4. robot training with knowledge insulation, co-trained with VQA
@@ -234,7 +234,7 @@ def _help_lines(lines, sep, defaults):
 
 
 def collect_demos(n, H, noise, seed, tasks="train"):
-    """Expert rollouts on the training tasks -> observations, (N, H, A) clean action chunks, task per sample.
+    """Scripted-policy rollouts on the training tasks -> observations, (N, H, A) clean action chunks, task per sample.
     A chunk that runs past the episode's end is padded with zeros: after success the pusher stays put."""
     env, rng = kivla.PushEnv(tasks=tasks), np.random.default_rng(seed)
     obs_all, chunks, sample_tasks, success = [], [], [], 0
@@ -242,7 +242,7 @@ def collect_demos(n, H, noise, seed, tasks="train"):
         obs, _ = env.reset(seed=seed + ep)
         episode, acts = [], []
         while True:
-            a = kivla.expert_action(env)
+            a = kivla.scripted_action(env)
             episode.append(obs)
             acts.append(a)
             obs, _, term, trunc, info = env.step(np.clip(a + noise * rng.standard_normal(2), -1, 1))  # DART
@@ -264,7 +264,7 @@ def make_vqa_set(n, seed):
     while len(out) < n:
         env.reset(seed=int(rng.integers(2**31)))
         for _ in range(int(rng.integers(0, 40))):  # physics only: the frames in between are never looked at
-            env._physics(kivla.expert_action(env, noise=0.5, rng=rng) * env.speed)
+            env._physics(kivla.scripted_action(env, noise=0.5, rng=rng) * env.speed)
         obs = env._obs()
         for _ in range(4):  # several questions per scene
             q, a = kivla.make_vqa(env, rng)
@@ -273,7 +273,7 @@ def make_vqa_set(n, seed):
 
 
 def held_out_sets(quick, H, tasks):
-    """Data no training step sees: clean expert episodes (the diagnostics' states), VQA for the probe and for
+    """Data no training step sees: clean scripted episodes (the diagnostics' states), VQA for the probe and for
     the VQA accuracy."""
     d_obs, d_chunks, _, _ = collect_demos(4 if quick else 40, H, 0.0, DIAG_SEED, tasks)
     return (d_obs, d_chunks, make_vqa_set(200 if quick else 2000, PROBE_SEED),
@@ -485,13 +485,13 @@ def steps_to(history, level=0.5):
     return float("nan")
 
 
-def expert_success(seeds, tasks="train"):
-    """The scripted expert's (noise-free) success rate on the evaluation seeds, for comparison."""
+def scripted_success(seeds, tasks="train"):
+    """The scripted policy's (noise-free) success rate on the evaluation seeds, for comparison."""
     env, ok = kivla.PushEnv(tasks=tasks), []
     for seed in seeds:
         env.reset(seed=seed)
         while True:
-            _, _, term, trunc, info = env.step(kivla.expert_action(env))
+            _, _, term, trunc, info = env.step(kivla.scripted_action(env))
             if term or trunc:
                 break
         ok.append(info["success"])
@@ -1234,7 +1234,7 @@ def bench(s, cfg):
     env, n, t0 = kivla.PushEnv(), 0, time.perf_counter()
     env.reset(seed=0)
     while time.perf_counter() - t0 < 3.0:
-        _, _, term, trunc, _ = env.step(kivla.expert_action(env))
+        _, _, term, trunc, _ = env.step(kivla.scripted_action(env))
         n += 1
         if term or trunc:
             env.reset(seed=n)
@@ -1503,11 +1503,12 @@ def run(s, cfg):
     os.makedirs(s["out_dir"], exist_ok=True)
     # 1) demonstrations, the VQA pool and the held-out sets (under torchrun every rank makes the same)
     train_tasks = kivla.task_splits(s["unseen_color"])["train"]
-    obs, chunks, tasks, expert_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"],
+    obs, chunks, tasks, scripted_rate = collect_demos(s["n_demos"], cfg.action_horizon, s["demo_noise"], s["seed"],
                                                     train_tasks)
     vqa_pool = make_vqa_set(s["n_vqa"], s["seed"])
     d_obs, d_chunks, vqa_probe, vqa_eval = held_out_sets(s["quick"], cfg.action_horizon, train_tasks)
-    print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, expert success {expert_rate:.2f} (noisy execution)")
+    print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, scripted-policy success {scripted_rate:.2f} "
+          "(noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
     # 2) FAST tokenizer (deterministic: the same demos give the same tokenizer as a cached pretraining run's)
     init = load_checkpoint(s["init_from"]) if s["init_from"] else None
@@ -1563,10 +1564,10 @@ def run(s, cfg):
         torch.distributed.barrier()  # until rank 0 has written everything
         torch.distributed.destroy_process_group()
         return None
-    expert_ok = expert_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), train_tasks)
+    scripted_ok = scripted_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), train_tasks)
     wall = time.time() - t_start
     for r in results:
-        r.update(expert_success=expert_ok, wall_time_s=wall)
+        r.update(scripted_success=scripted_ok, wall_time_s=wall)
         if len(seeds) > 1:
             print(f"{r['runs'][0]['row']:5s} over {len(seeds)} seeds: " + " | ".join(
                 f"{name} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})" for k, name in
@@ -1577,7 +1578,7 @@ def run(s, cfg):
     if s["compare"]:
         write_compare(results, s, os.path.join(s["out_dir"], "compare.md"), os.path.join(s["out_dir"], "compare.png"))
         print(open(os.path.join(s["out_dir"], "compare.md")).read())
-    print(f"scripted expert on the same seeds: {expert_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
+    print(f"scripted policy on the same seeds: {scripted_ok:.2f}; wall {wall / 60:.1f} min; wrote {s['out_dir']}/")
     if s["quick"]:
         print("--quick is a smoke test of the whole pipeline: its 80 robot steps are too few to learn the task, so "
               "success 0.000 is expected; the default run (python train_toy.py) learns it")
