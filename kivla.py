@@ -1,29 +1,34 @@
 """
 kivla: a Knowledge-Insulated Vision-Language-Action model, the whole thing in one file.
 
-A VLM backbone (a small ViT + a decoder-only transformer) learns robot actions as discrete FAST tokens
-with next-token cross-entropy; beside it a smaller "action expert" transformer learns continuous action
-chunks with flow matching. The expert reads the backbone's per-layer keys/values through a stop-gradient,
-so its randomly initialised weights never push gradients into the backbone ("knowledge insulation").
-At inference the prefix is encoded once and the expert integrates 10 Euler steps: no token decoding.
+A VLM backbone (a small ViT + a decoder-only transformer) learns robot actions as discrete FAST
+tokens with next-token cross-entropy; beside it a smaller "action expert" transformer learns
+continuous action chunks with flow matching. The expert reads the backbone's per-layer keys/values
+through a stop-gradient, so its randomly initialised weights never push gradients into the backbone
+("knowledge insulation"). At inference the prefix is encoded once and the expert integrates 10
+Euler steps: no token decoding.
 
 References
   [1] Driess et al. 2025, "Knowledge Insulating Vision-Language-Action Models: Train Fast, Run Fast,
       Generalize Better", arXiv 2505.23705 (the method implemented here, "KI").
-  [2] Black et al. 2024, "pi0: A Vision-Language-Action Flow Model", arXiv 2410.24164 (action expert).
-  [3] Physical Intelligence 2025, "pi0.5", arXiv 2504.16054 (discrete state tokens, adaRMSNorm on time).
+  [2] Black et al. 2024, "pi0: A Vision-Language-Action Flow Model", arXiv 2410.24164
+      (action expert).
+  [3] Physical Intelligence 2025, "pi0.5", arXiv 2504.16054 (discrete state tokens,
+      adaRMSNorm on time).
   [4] Pertsch et al. 2025, "FAST: Efficient Action Tokenization", arXiv 2501.09747 (DCT + BPE).
   [5] Lipman et al. 2023, "Flow Matching for Generative Modeling" (the flow loss).
   [6] Xiao et al. 2021, "Early Convolutions Help Transformers See Better" (the ViT's conv stem).
   [7] Perez et al. 2018, "FiLM: Visual Reasoning with a General Conditioning Layer" (ToyStem).
-  [8] Liu et al. 2018, "An Intriguing Failing of Convolutional Neural Networks and the CoordConv Solution" (ToyStem).
-  [9] QK-norm: Henry et al. 2020, "Query-Key Normalization for Transformers"; Gemma Team 2025, "Gemma 3
-      Technical Report", arXiv 2503.19786.
+  [8] Liu et al. 2018, "An Intriguing Failing of Convolutional Neural Networks and the CoordConv
+      Solution" (ToyStem).
+  [9] QK-norm: Henry et al. 2020, "Query-Key Normalization for Transformers"; Gemma Team 2025,
+      "Gemma 3 Technical Report", arXiv 2503.19786.
 
 Notation
-  B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens (= Ti + Tt + state_dim),
-  Ts suffix tokens (FAST or VQA-answer tokens), H action horizon, A action dim, D model width,
-  nh heads, hs head size, L layers, tau flow time (1 = pure noise, 0 = clean actions).
+  B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens
+  (= Ti + Tt + state_dim), Ts suffix tokens (FAST or VQA-answer tokens), H action horizon,
+  A action dim, D model width, nh heads, hs head size, L layers, tau flow time (1 = pure noise,
+  0 = clean actions).
 
 Token layout (one row of a batch)
 
@@ -36,10 +41,11 @@ Token layout (one row of a batch)
   [ noisy action chunk x_tau (H) ]                                                 <- action_expert
     attends to [prefix of the backbone] + [itself, bidirectional]; never to the suffix.
 
-The VLM is swappable: `Backbone` (the toy) and `HFBackbone` (a HuggingFace PaliGemma, section 11, optional
-`transformers`) implement one small interface, and nothing else looks inside either. `QuantileNorm` is
-here for real robot data outside [-1, 1]; the toy's velocity actions need none.
-Deliberately not here: multiple cameras, real-robot I/O. (Distributed training: train_toy.py, torchrun.)
+The VLM is swappable: `Backbone` (the toy) and `HFBackbone` (a HuggingFace PaliGemma, section 8,
+optional `transformers`) implement one small interface, and nothing else looks inside either.
+`QuantileNorm` is here for real robot data outside [-1, 1]; the toy's velocity actions need none.
+Deliberately not here: multiple cameras, real-robot I/O. (Distributed training: train_toy.py,
+torchrun.)
 """
 
 import inspect
@@ -61,7 +67,8 @@ from PIL import Image, ImageDraw
 
 
 def dct_matrix(n):
-    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x, x = C.T @ coef (scipy norm="ortho")."""
+    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x, x = C.T @ coef
+    (scipy norm="ortho")."""
     k = np.arange(n)[:, None]
     t = np.arange(n)[None, :]
     c = np.sqrt(2.0 / n) * np.cos(np.pi * (t + 0.5) * k / n)
@@ -85,10 +92,10 @@ def _merge_pair(seq, pair, new_id):
 class FASTTokenizer:
     """Frequency-space Action Sequence Tokenizer [4], from scratch in numpy.
 
-    Actions are expected in about [-1, 1] (the toy's velocity actions are); anything outside is clipped
-    before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H), so the base
-    alphabet [-M, M] with M = round(scale * sqrt(H)) holds every coefficient of every in-range chunk:
-    nothing in range is ever clamped, even coefficients never seen in `fit`.
+    Actions are expected in about [-1, 1] (the toy's velocity actions are); anything outside is
+    clipped before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H),
+    so the base alphabet [-M, M] with M = round(scale * sqrt(H)) holds every coefficient of every
+    in-range chunk: nothing in range is ever clamped, even coefficients never seen in `fit`.
     Ids: [0, 2M] are base symbols (coefficient q -> q + M), then one id per learned BPE merge.
     """
 
@@ -103,11 +110,13 @@ class FASTTokenizer:
         self.M = int(round(self.scale * math.sqrt(self.H)))
         self.n_base = 2 * self.M + 1
         assert self.n_base <= self.vocab_size, (
-            f"vocab_size={self.vocab_size} is smaller than the {self.n_base} base symbols needed for "
-            f"scale={self.scale}, H={self.H}; raise vocab_size or lower scale")
+            f"vocab_size={self.vocab_size} is smaller than the {self.n_base} base symbols "
+            f"needed for scale={self.scale}, H={self.H}; raise vocab_size or lower scale")
         self.C = dct_matrix(self.H)  # (H, H)
 
-    def _symbols(self, chunk):
+    def symbols(self, chunk):
+        """chunk (H, D) -> FAST's base symbols before BPE: DCT per dimension, scaled and rounded,
+        low frequency first (frequency 0 of every dimension, then 1, ...), shifted to ids >= 0."""
         x = np.clip(np.asarray(chunk, dtype=np.float64), -1.0, 1.0)  # (H, D), documented clip
         coef = self.C @ x  # (H, D) DCT-II along time, per action dimension
         q = np.rint(coef * self.scale).astype(np.int64)  # (H, D) integers in [-M, M]
@@ -117,7 +126,8 @@ class FASTTokenizer:
         assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
         chunk = np.asarray(chunk)
         if chunk.shape != (self.H, self.D):
-            raise ValueError(f"FASTTokenizer: expected a chunk of shape ({self.H}, {self.D}), got {chunk.shape}")
+            raise ValueError(f"FASTTokenizer: expected a chunk of shape ({self.H}, {self.D}), "
+                             f"got {chunk.shape}")
         if not np.all(np.isfinite(chunk)):
             raise ValueError("FASTTokenizer: chunk contains NaN or inf")
         return chunk
@@ -125,13 +135,16 @@ class FASTTokenizer:
     # -- BPE over the symbol sequences -------------------------------------------------------
     def fit(self, chunks):
         """Learn BPE merges on (N, H, D) chunks. Pair counting is vectorised over the whole corpus
-        (all sequences concatenated with -1 separators; one bincount per merge), so 30k chunks take about a second."""
+        (all sequences concatenated with -1 separators; one bincount per merge): the Python loop
+        runs over merges, not over chunks."""
         chunks = np.asarray(chunks, dtype=np.float64)
         if chunks.ndim != 3 or len(chunks) == 0:
-            raise ValueError(f"FASTTokenizer.fit: expected chunks of shape (N, H, D), got {chunks.shape}")
+            raise ValueError("FASTTokenizer.fit: expected chunks of shape (N, H, D), "
+                             f"got {chunks.shape}")
         self._setup(chunks.shape[1], chunks.shape[2])
         x = np.clip(chunks, -1.0, 1.0)
-        q = np.rint(np.einsum("th,nhd->ntd", self.C, x) * self.scale).astype(np.int64) + self.M  # (N, H, D)
+        # (N, H, D): every chunk's symbols at once
+        q = np.rint(np.einsum("th,nhd->ntd", self.C, x) * self.scale).astype(np.int64) + self.M
         seqs = np.concatenate([q.reshape(len(q), -1), -np.ones((len(q), 1), np.int64)], axis=1)
         arr = seqs.reshape(-1)  # one long int array, -1 separates chunks
         self.merges = []
@@ -141,7 +154,8 @@ class FASTTokenizer:
             keys = a[ok] * self.vocab_size + b[ok]
             if len(keys) == 0:
                 break
-            counts = np.bincount(keys)  # pair key -> count (keys < vocab_size^2: a small table, no sort)
+            # pair key -> count (keys < vocab_size^2: a small table, no sort)
+            counts = np.bincount(keys)
             best = int(np.argmax(counts))  # ties -> smallest pair key: deterministic
             if counts[best] < 2:
                 break  # a merge seen once compresses nothing that generalises
@@ -176,8 +190,9 @@ class FASTTokenizer:
             self.expand.append(self.expand[a] + self.expand[b])
 
     def encode(self, chunk):
-        """(H, D) float chunk -> list of ids in [0, vocab_size). Applies merges lowest rank first."""
-        seq = self._symbols(self._check_chunk(chunk))
+        """(H, D) float chunk -> list of ids in [0, vocab_size).
+        Applies merges lowest rank first."""
+        seq = self.symbols(self._check_chunk(chunk))
         while len(seq) > 1:
             pairs = set(zip(seq[:-1], seq[1:]))
             pair = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
@@ -187,18 +202,22 @@ class FASTTokenizer:
         return seq
 
     def encode_batch(self, chunks):
-        """[encode(c) for c in chunks], about 3x faster on a training set: each merge is applied to all chunks at once
-        (numpy, as in fit). Merge after merge in rank order is what encode's lowest-rank-first loop does too:
-        a merge only ever creates pairs of higher rank."""
-        seqs = [self._symbols(self._check_chunk(c)) + [-1] for c in chunks]
-        arr = np.array([s for q in seqs for s in q], np.int64)  # one long int array, -1 separates chunks
+        """[encode(c) for c in chunks], faster on a training set: each merge is applied to all
+        chunks at once (numpy, as in fit), instead of a Python loop over every chunk's pairs. Merge
+        after merge in rank order is what encode's lowest-rank-first loop does too: a merge only
+        ever creates pairs of higher rank."""
+        seqs = [self.symbols(self._check_chunk(c)) + [-1] for c in chunks]
+        # one long int array, -1 separates chunks
+        arr = np.array([s for q in seqs for s in q], np.int64)
         for i, (pa, pb) in enumerate(self.merges):
             arr = self._merge_array(arr, pa, pb, self.n_base + i)
-        return [x[:-1].tolist() for x in np.split(arr, np.flatnonzero(arr < 0) + 1)[:-1]]  # each without its -1
+        # one list per chunk, each without its -1
+        return [x[:-1].tolist() for x in np.split(arr, np.flatnonzero(arr < 0) + 1)[:-1]]
 
     def decode(self, ids, return_valid=False):
-        """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything. Unknown ids
-        are dropped, missing coefficients are 0, extra ones are cut. valid = nothing had to be fixed."""
+        """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything.
+        Unknown ids are dropped, missing coefficients are 0, extra ones are cut.
+        valid = nothing had to be fixed."""
         assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
         syms, valid = [], True
         for i in ids:
@@ -233,10 +252,10 @@ class FASTTokenizer:
 
 
 class QuantileNorm:
-    """Invertible per-dimension normalisation (openpi, FAST [4]): the 1st..99th percentile of the training
-    data maps to [-1, 1]. Real robot actions and states are not in [-1, 1] (the toy's are, so the toy
-    runs without one). Nothing is clipped here, so `inverse` undoes it exactly; FAST clips what falls outside.
-    A constant dimension is only shifted."""
+    """Invertible per-dimension normalisation (openpi, FAST [4]): the 1st..99th percentile of the
+    training data maps to [-1, 1]. Real robot actions and states are not in [-1, 1] (the toy's
+    are, so the toy runs without one). Nothing is clipped here, so `inverse` undoes it exactly;
+    FAST clips what falls outside. A constant dimension is only shifted."""
 
     def __init__(self, lo, hi):
         self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)  # (D,) each
@@ -244,13 +263,15 @@ class QuantileNorm:
 
     @classmethod
     def fit(cls, x, q=0.01):
-        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])  # (N, D): every time step of every chunk
+        # (N, D): every time step of every chunk
+        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
         if not np.all(np.isfinite(x)):
             raise ValueError("QuantileNorm.fit: data contains NaN or inf")
         return cls(np.quantile(x, q, axis=0), np.quantile(x, 1 - q, axis=0))
 
     def __call__(self, x):
-        return ((np.asarray(x, np.float64) - (self.lo + self.hi) / 2) / self.scale).astype(np.float32)
+        return ((np.asarray(x, np.float64) - (self.lo + self.hi) / 2)
+                / self.scale).astype(np.float32)
 
     def inverse(self, y):
         return (np.asarray(y, np.float64) * self.scale + (self.lo + self.hi) / 2).astype(np.float32)
@@ -275,35 +296,42 @@ class Config:
     action_dim: int = 2         # A
     image_size: int = 64        # S, must match the env's observation
     patch_size: int = 16        # -> (S / patch)^2 image tokens (16): few tokens keep the CPU budget
-    vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs (Xiao et al. 2021) | "patchify": one conv
+    vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs [6] | "patchify": one conv
     film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
-    coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB (CoordConv)
-    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3; see Block)
+    coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB
+                                # (CoordConv)
+    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3;
+                                # see Block)
     vit_width: int = 64         # ViT width (SigLIP analog)
     vit_layers: int = 2         # ViT transformer blocks after the conv stem
     d_model: int = 64           # backbone width (Gemma analog)
-    n_layer: int = 4            # shared by backbone and action expert (attention is mixed per layer)
+    n_layer: int = 4            # shared by backbone and action expert (attention is mixed per
+                                # layer)
     n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
-    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention (Gemma 2B: 1)
+    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention
+                                # (Gemma 2B: 1)
     head_dim: int = 16          # per attention head, shared by backbone and expert
     rope_theta: float = 10000.0  # RoPE base (a real VLM's expert takes its VLM's)
     expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
     text_len: int = 12          # Tt, words of instruction / question (padded)
     state_bins: int = 256       # pi0.5: proprioception as discrete tokens
-    state_dim: int = 2          # Ds, proprioception numbers per step (the toy: pusher x, y), one token each
+    state_dim: int = 2          # Ds, proprioception numbers per step (the toy: pusher x, y),
+                                # one token each
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.n_kv_head < 0 or self.n_head % (self.n_kv_head or self.n_head):
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise ValueError(f"n_head={self.n_head} must be a multiple of "
+                             f"n_kv_head={self.n_kv_head}")
         if not self.flow_weight >= 0:
             raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
         if self.vit_stem not in ("conv", "patchify"):
             raise ValueError(f"vit_stem must be 'conv' or 'patchify', got {self.vit_stem!r}")
-        if self.image_size % self.patch_size or (self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
-                             "(a power of two for the conv stem)")
+        if self.image_size % self.patch_size or (
+                self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"image_size={self.image_size} must be a multiple of "
+                             f"patch_size={self.patch_size} (a power of two for the conv stem)")
 
     # derived from `variant` only, never set twice
     @property
@@ -328,7 +356,8 @@ class Config:
 
     @property
     def suffix_len(self):
-        return self.action_horizon * self.action_dim + 1  # Ts: "Action:" + worst case one id per coefficient
+        # Ts: "Action:" + worst case one id per coefficient
+        return self.action_horizon * self.action_dim + 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,9 +379,10 @@ def rms_norm(x, weight):
 
 
 def rope_angles(pos, head_dim, theta=10000.0):
-    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin, each (T, hs).
-    Computed once per forward pass and shared by every layer. Same frequencies as HF Gemma's rotary embedding.
-    sin carries the rotation's sign ([-sin | sin]), so that rope() is two multiplies and an add."""
+    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin,
+    each (T, hs). Computed once per forward pass and shared by every layer. Same frequencies as HF
+    Gemma's rotary embedding. sin carries the rotation's sign ([-sin | sin]), so that rope() is two
+    multiplies and an add."""
     half = head_dim // 2
     freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
     ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
@@ -361,8 +391,8 @@ def rope_angles(pos, head_dim, theta=10000.0):
 
 
 def rope(x, cos, sin):
-    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i, i.e.
-    [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
+    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i,
+    i.e. [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
     half = x.shape[-1] // 2
     return x * cos.to(x.dtype) + torch.cat([x[..., half:], x[..., :half]], -1) * sin.to(x.dtype)
 
@@ -375,46 +405,60 @@ class Block(nn.Module):
     def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0, qk_norm=False):
         super().__init__()
         self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
-        assert n_head % self.n_kv_head == 0, f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}"
+        assert n_head % self.n_kv_head == 0, (
+            f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
-        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)  # [q | k | v] rows
+        # [q | k | v] rows
+        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)
         self.proj = nn.Linear(n_head * head_dim, width, bias=False)
         self.fc_gate = nn.Linear(width, 4 * width, bias=False)
         self.fc_up = nn.Linear(width, 4 * width, bias=False)
         self.fc_down = nn.Linear(4 * width, width, bias=False)
-        self.ada = AdaRMS(cond_dim, width) if cond_dim else None  # the action expert's: conditioned on tau
-        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at about unit
-        # size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's attention can stay uniform
-        # for its whole pretraining: no image question rises above chance (the grounding plateau).
-        self.q_norm, self.k_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm else (None, None)
+        # the action expert's: conditioned on tau
+        self.ada = AdaRMS(cond_dim, width) if cond_dim else None
+        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at
+        # about unit size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's
+        # attention can stay uniform for its whole pretraining: no image question rises above
+        # chance (the grounding plateau).
+        self.q_norm, self.k_norm = ((RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm
+                                    else (None, None))
 
     def norm_and_rotate(self, qk, rot=None):
-        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once. Speed trick: one op
-        for both instead of one each (a step of the toy is thousands of small ops), ~4% of a CPU training step."""
+        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once.
+        One op for both instead of one each: a step of the toy is thousands of small ops, so each
+        op saved makes the step faster."""
         if self.q_norm is not None:
             nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs), self.k_norm.weight.expand(nkv, 1, hs)]))
+            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs),
+                                         self.k_norm.weight.expand(nkv, 1, hs)]))
         return qk if rot is None else rope(qk, *rot)
 
     def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
         """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
         rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
-        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the expert, decoding).
-        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for the action
-        expert, the backbone's prefix keys/values of the same layer (the mixture of transformers).
+        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the
+        expert, decoding).
+        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for
+        the action expert, the backbone's prefix keys/values of the same layer (the mixture of
+        transformers).
         cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        ada1, ada2 = self.ada(cond) if cond is not None else (None, None)  # adaRMSNorm: the expert only
+        # adaRMSNorm: the expert only
+        ada1, ada2 = self.ada(cond) if cond is not None else (None, None)
         # 1) attention
         h = modulate(self.norm1(x), ada1)
-        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)  # (B, heads, T, hs)
+        # (B, heads, T, hs)
+        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)
         q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
         keys, values = k, v
-        if past_kv is not None:  # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
-            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, nkv, Tpast + T, hs)
+        # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
+        if past_kv is not None:
+            # (B, nkv, Tpast + T, hs)
+            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
         # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)
         a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
         x = x + gate(a, ada1)
         # 2) gated MLP (GeGLU, as in Gemma)
@@ -425,9 +469,10 @@ class Block(nn.Module):
 
 
 class AdaRMS(nn.Linear):
-    """pi0.5's adaRMSNorm [3]: the condition (the action expert's flow time) predicts, for each of a block's two
-    sub-blocks, a scale and a shift of its RMSNorm's output and a gate on its residual branch. All three enter
-    as (1 + scale), shift, (1 + gate): zero is a plain pre-norm block. cond (B, C) -> two (scale, shift, gate)."""
+    """pi0.5's adaRMSNorm [3]: the condition (the action expert's flow time) predicts, for each of
+    a block's two sub-blocks, a scale and a shift of its RMSNorm's output and a gate on its residual
+    branch. All three enter as (1 + scale), shift, (1 + gate): zero is a plain pre-norm block.
+    cond (B, C) -> two (scale, shift, gate)."""
 
     def __init__(self, cond_dim, width):
         super().__init__(cond_dim, 6 * width)
@@ -438,7 +483,8 @@ class AdaRMS(nn.Linear):
 
 
 def modulate(h, ada):
-    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate)); unchanged without."""
+    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate));
+    unchanged without."""
     return h if ada is None else h * (1 + ada[0]) + ada[1]
 
 
@@ -453,43 +499,53 @@ def gate(branch, ada):
 
 
 class ToyStem(nn.Module):
-    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale deviations"), both
-    switchable. A real VLA's SigLIP arrives pre-trained; this one learns from scratch in a few thousand steps, so:
+    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale
+    deviations"), both switchable. A real VLA's SigLIP arrives pre-trained; this one learns from
+    scratch in a few thousand steps, so:
       - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
-        translation-equivariant, but every answer and action here needs absolute position ("the top left corner").
-      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels (early fusion).
-        Without it the ViT learns far more slowly which blob a colour word such as "red" names.
+        translation-equivariant, but every answer and action here needs absolute position
+        ("the top left corner").
+      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels
+        (early fusion). Without it the ViT learns far more slowly which blob a colour word such
+        as "red" names.
     image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
 
     def __init__(self, cfg, n_words):
         super().__init__()
         w, self.coord = cfg.vit_width, cfg.coord_stem
         c_in = 5 if cfg.coord_stem else 3
-        if cfg.vit_stem == "conv":  # 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
+        # "conv": 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
+        if cfg.vit_stem == "conv":
             n = int(math.log2(cfg.patch_size))
             chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
-            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
+            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1)
+                                       for a, b in zip(chans[:-1], chans[1:]))
         else:  # one patchify conv, as SigLIP
             chans = [c_in, w]
             self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
         self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
-        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it alone: a strong random
-        # FiLM from the start (std 0.3) lets colour words change the image tokens at once
+        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it
+        # alone: a strong random FiLM from the start (std 0.3) lets colour words change the image
+        # tokens at once
+        # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
         self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
-            if cfg.film_stem and self.hidden else None  # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
+            if cfg.film_stem and self.hidden else None
 
     def forward(self, image, text, text_valid):
         x = image.float() / 127.5 - 1.0  # (B, S, S, 3) in [-1, 1]
         if self.coord:
             B, S = x.shape[:2]
             c = torch.linspace(-1, 1, S, device=x.device)
-            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2): x left to right, y top to bottom
+            # (S, S, 2): x left to right, y top to bottom
+            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)
             x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
-        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's conv kernels
-        # (oneDNN) run fastest on: the stem's convolutions are the largest single cost of a CPU training step
+        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's
+        # conv kernels (oneDNN) run fastest on: the stem's convolutions are the largest single
+        # cost of a CPU training step
         x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
         if self.film is not None:
-            m = text_valid.unsqueeze(-1).float()  # (B, Tt, 1): the mean of the real words' FiLM vectors
+            # (B, Tt, 1): the mean of the real words' FiLM vectors
+            m = text_valid.unsqueeze(-1).float()
             film = ((F.embedding(text, self.film) * m).sum(1)
                     / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
         for i, conv in enumerate(self.convs):
@@ -507,14 +563,18 @@ class ViT(nn.Module):
         super().__init__()
         w = cfg.vit_width
         self.stem = ToyStem(cfg, n_words)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))  # learned 2-D positions, flattened
-        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm) for _ in range(cfg.vit_layers))
+        # learned 2-D positions, flattened
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))
+        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm)
+                                    for _ in range(cfg.vit_layers))
         self.norm = RMSNorm(w)
         self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
 
     def forward(self, image, text, text_valid):
-        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them) -> image tokens (B, Ti, D)."""
-        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb  # (B, Ti, W)
+        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them)
+        -> image tokens (B, Ti, D)."""
+        # (B, Ti, W)
+        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb
         for blk in self.blocks:
             x, _ = blk(x)
         return self.proj(self.norm(x))  # (B, Ti, D)
@@ -526,9 +586,10 @@ class ViT(nn.Module):
 
 
 def prefix_lm_mask(prefix_valid, n_suffix):
-    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix causal,
-    the prefix never sees the suffix; padded text keys are hidden.
-    e.g. 3 prefix + 2 suffix tokens (rows = queries):  1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1"""
+    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix
+    causal, the prefix never sees the suffix; padded text keys are hidden.
+    e.g. 3 prefix + 2 suffix tokens (rows = queries):
+    1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1"""
     B, Tp = prefix_valid.shape
     i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
     allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
@@ -537,31 +598,38 @@ def prefix_lm_mask(prefix_valid, n_suffix):
 
 
 def expert_mask(prefix_valid, H):
-    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H action keys
-    (bidirectional among themselves). The suffix (FAST tokens) is not even among its keys."""
-    return torch.cat([prefix_valid, prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
+    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H
+    action keys (bidirectional among themselves). The suffix (FAST tokens) is not even among its
+    keys."""
+    return torch.cat([prefix_valid,
+                      prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
 
 
 class Backbone(nn.Module):
-    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over [prefix | suffix].
+    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over
+    [prefix | suffix].
 
-    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 11) implements the
-    same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks inside either:
-      embed_prefix(batch) -> prefix embeddings (B, Tp, D), prefix_valid (B, Tp)     [image | text | state]
-      embed(ids)          -> token embeddings (B, T, D)                              (suffix tokens)
-      forward(x, pos, mask, cache=None) -> hidden (B, T, D), per-layer [(k, v)]      (HF: past_key_values)
+    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 8)
+    implements the same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks
+    inside either:
+      embed_prefix(batch) -> [image | text | state] embeddings (B, Tp, D), prefix_valid (B, Tp)
+      embed(ids)          -> token embeddings (B, T, D) (suffix tokens)
+      forward(x, pos, mask, cache=None)
+                          -> hidden (B, T, D), per-layer [(k, v)] (HF: past_key_values)
       lm_head(hidden)     -> logits (B, T, V)
       n_layer, n_head, n_kv_head, head_dim, rope_theta: the shapes the action expert must match
     """
 
     def __init__(self, cfg, vocab):
         super().__init__()
-        self.n_layer, self.n_head, self.n_kv_head = cfg.n_layer, cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.n_layer, self.n_head, self.n_kv_head = (cfg.n_layer, cfg.n_head,
+                                                     cfg.n_kv_head or cfg.n_head)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
         self.embed = nn.Embedding(vocab.size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim, n_kv_head=cfg.n_kv_head,
-                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim,
+                                          n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied, as in Gemma
@@ -573,9 +641,10 @@ class Backbone(nn.Module):
         return x, prefix_valid(batch, img.shape[1])
 
     def forward(self, x, pos, mask, cache=None):
-        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits = self.lm_head(hidden),
-        computed by the caller only where needed: the vocabulary projection is the costliest matmul),
-        per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs) with RoPE applied (HF: past_key_values)."""
+        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits =
+        self.lm_head(hidden), computed by the caller only where needed: the vocabulary projection
+        is the costliest matmul), per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs)
+        with RoPE applied (HF: past_key_values)."""
         kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
         for i, blk in enumerate(self.blocks):
             x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
@@ -588,7 +657,8 @@ class Backbone(nn.Module):
 def prefix_valid(batch, n_image_tokens):
     """(B, Tp) bool: every image and state token is real, text padding is not."""
     img = batch["text_valid"].new_ones(len(batch["text_valid"]), n_image_tokens)
-    return torch.cat([img, batch["text_valid"], torch.ones_like(batch["state"], dtype=torch.bool)], 1)
+    return torch.cat([img, batch["text_valid"],
+                      torch.ones_like(batch["state"], dtype=torch.bool)], 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -597,31 +667,34 @@ def prefix_valid(batch, n_image_tokens):
 
 
 class ActionExpert(nn.Module):
-    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's keys),
-    its own, narrower weights: pi0's mixture of transformers. Flow time enters through adaRMSNorm
-    (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not just the input."""
+    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's
+    keys), its own, narrower weights: pi0's mixture of transformers. Flow time enters through
+    adaRMSNorm (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not
+    just the input."""
 
     def __init__(self, cfg):
         super().__init__()
         w = cfg.expert_width
         self.in_proj = nn.Linear(cfg.action_dim, w)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w, n_kv_head=cfg.n_kv_head,
-                                          qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w,
+                                          n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(w)
         self.out_proj = nn.Linear(w, cfg.action_dim)
         self.rope_theta = cfg.rope_theta
 
     def time_embedding(self, tau):
-        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4 (as in openpi)."""
+        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4
+        (as in openpi)."""
         half = self.in_proj.out_features // 2
         period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
         ang = 2 * math.pi * tau[:, None].float() / period[None]
         return torch.cat([ang.sin(), ang.cos()], -1)
 
     def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
-        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs), prefix_valid (B, Tp),
-        pos (H,) -> predicted velocity (B, H, A)."""
+        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs),
+        prefix_valid (B, Tp), pos (H,) -> predicted velocity (B, H, A)."""
         B, H, _ = x_tau.shape
         x = self.in_proj(x_tau)  # (B, H, W)
         cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
@@ -643,14 +716,15 @@ def masked_mean(x, mask):
 
 
 def sample_tau(n, device):
-    """Flow time tau ~ Beta(1.5, 1) on [0.001, 1], more weight on noisy times (pi0 [2]). Its CDF is tau^1.5, so
-    tau = U^(1 / 1.5) for U uniform: one kernel, no sampler object inside the training step. -> (n,)"""
+    """Flow time tau ~ Beta(1.5, 1) on [0.001, 1], more weight on noisy times (pi0 [2]). Its CDF is
+    tau^1.5, so tau = U^(1 / 1.5) for U uniform: one kernel, no sampler object inside the training
+    step. -> (n,)"""
     return torch.rand(n, device=device) ** (1 / 1.5) * 0.999 + 0.001
 
 
 def _eager():
-    """False while torch.compile traces or a CUDA graph captures: checks that read a value back to Python (a host
-    sync) run only in eager mode."""
+    """False while torch.compile traces or a CUDA graph captures: checks that read a value back to
+    Python (a host sync) run only in eager mode."""
     return not torch.compiler.is_compiling() and not (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -660,7 +734,8 @@ BATCH_KEYS = """
   text          long  (B, Tt)        instruction (robot rows) or question (VQA rows), <pad>-filled
   text_valid    bool  (B, Tt)        False at padding (hidden from attention)
   state         long  (B, Ds)        proprioception as state-bin token ids (the toy: pusher x, y)
-  suffix        long  (B, Ts)        backbone input after the prefix: "Action:" fast_tokens... or "Answer:" words...
+  suffix        long  (B, Ts)        backbone input after the prefix: "Action:" fast_tokens...
+                                     or "Answer:" words...
   suffix_target long  (B, Ts)        next-token targets for `suffix` (ends with "|")
   suffix_loss   bool  (B, Ts)        which suffix targets get cross-entropy
   actions       float (B, H, A)      clean action chunk (zeros on VQA rows)
@@ -672,30 +747,35 @@ class KIVLA(nn.Module):
     __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
 
     def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None, backbone=None):
-        """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data already
-        lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies them, the
-        samplers undo the action one, checkpoints store both.
-        backbone: None builds the toy VLM from cfg; or an HFBackbone (a real VLM). The action expert is then
-        built to match it (its layers, heads, key/value heads, head size and RoPE base replace cfg's)."""
+        """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data
+        already lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies
+        them, the samplers undo the action one, checkpoints store both.
+        backbone: None builds the toy VLM from cfg; or an HFBackbone (a real VLM). The action expert
+        is then built to match it (its layers, heads, key/value heads, head size and RoPE base
+        replace cfg's)."""
         super().__init__()
         assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
-            f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the config says "
-            f"({cfg.action_horizon}, {cfg.action_dim})")
+            f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the "
+            f"config says ({cfg.action_horizon}, {cfg.action_dim})")
         if backbone is not None:
-            cfg = replace(cfg, **{k: getattr(backbone, k)
-                                  for k in ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
+            cfg = replace(cfg, **{k: getattr(backbone, k) for k in
+                                  ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
         self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
         self.action_norm, self.state_norm = action_norm, state_norm
-        if action_norm is not None:  # its inverse on the model's device (the samplers undo it without a host copy)
-            mid, scale = (torch.tensor(x) for x in ((action_norm.lo + action_norm.hi) / 2, action_norm.scale))  # (A,)
-            self.register_buffer("action_mid", mid, persistent=False)  # not saved: the checkpoint keeps the norm
+        # action_norm's inverse on the model's device (the samplers undo it without a host copy)
+        if action_norm is not None:
+            # (A,) each
+            mid, scale = (torch.tensor(x)
+                          for x in ((action_norm.lo + action_norm.hi) / 2, action_norm.scale))
+            # not saved: the checkpoint keeps the norm
+            self.register_buffer("action_mid", mid, persistent=False)
             self.register_buffer("action_scale", scale, persistent=False)
         if backbone is None:
             self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
             self.backbone = Backbone(cfg, self.vocab)
         else:  # our ids inside the VLM's vocabulary (text from its tokenizer if it has one)
-            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size, cfg.state_bins,
-                                      backbone.tokenizer)
+            self.vocab = Vocab.inside(backbone.vocab_size, fast_tokenizer.vocab_size,
+                                      cfg.state_bins, backbone.tokenizer)
             self.backbone = backbone
         self.action_expert = ActionExpert(cfg)
         for m in (self.backbone, self.action_expert) if backbone is None else (self.action_expert,):
@@ -705,8 +785,10 @@ class KIVLA(nn.Module):
     def _init_weights(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Conv2d):  # subtle: PyTorch's default conv init shrinks the signal at every
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # layer until the biases drown the image
+        # subtle: PyTorch's default conv init shrinks the signal at every layer until the biases
+        # drown the image
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
@@ -720,104 +802,126 @@ class KIVLA(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def compute_loss(self, batch, noise=None, time=None):
-        """The KI loss [1]: loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per cfg.variant.
-        noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
-        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you log: reading
-        one waits for the device, so the training loop does it every few steps, not every step)."""
+        """The KI loss [1]: loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per
+        cfg.variant. noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
+        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you
+        log: reading one waits for the device, so the training loop does it every few steps, not
+        every step)."""
         ce, flow = self.loss_terms(batch, noise, time)
-        loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce  # fast: no flow term at all
+        # fast: no flow term at all
+        loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce
         return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
 
     def loss_terms(self, batch, noise=None, time=None):
-        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow (0 without an action expert).
-        Speed: every shape is the batch's, whatever its mix of robot and VQA rows (masks, not boolean indexing),
-        so a training step runs as one graph (CUDA graphs, torch.compile) with no host syncs."""
+        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow (0 without an action
+        expert). Speed: every shape is the batch's, whatever its mix of robot and VQA rows (masks,
+        not boolean indexing), so a training step runs as one graph (CUDA graphs, torch.compile)
+        with no host syncs."""
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
         self._check_batch(batch)
-        # 1) one backbone pass over [prefix | suffix]; the prefix part of its KV is what the expert reads
+        # 1) one backbone pass over [prefix | suffix]; the expert reads the prefix part of its KV
         h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
-        # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone learns actions
+        # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone
+        #    learns actions
         logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), batch["suffix_target"].flatten(), reduction="none")  # (B * Ts,)
+        ce = F.cross_entropy(logits.flatten(0, 1), batch["suffix_target"].flatten(),
+                             reduction="none")  # (B * Ts,)
         ce = masked_mean(ce, batch["suffix_loss"].flatten())  # over the real targets
         if not cfg.use_flow:
             return ce, h.new_zeros(())
         # 3) flow matching for the action expert [5], on the robot rows
         Tp = prefix_valid.shape[1]
-        kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]  # the prefix only: the expert never sees FAST tokens
+        # the prefix only: the expert never sees FAST tokens
+        kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]
         if cfg.stop_gradient:
-            # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a stop-gradient.
-            # The forward pass is unchanged; the flow loss just cannot push gradients into the VLM.
+            # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a
+            # stop-gradient. The forward pass is unchanged; the flow loss just cannot push
+            # gradients into the VLM.
             kv = [(k.detach(), v.detach()) for k, v in kv]
         actions = batch["actions"]  # (B, H, A)
-        noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)  # (B, H, A)
-        tau = sample_tau(len(actions), actions.device) if time is None else time.to(actions.device)  # (B,)
-        x_tau = tau[:, None, None] * noise + (1 - tau[:, None, None]) * actions  # tau = 1: pure noise, 0: clean
+        # (B, H, A)
+        noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)
+        # (B,)
+        tau = sample_tau(len(actions), actions.device) if time is None else time.to(actions.device)
+        # tau = 1: pure noise, 0: clean
+        x_tau = tau[:, None, None] * noise + (1 - tau[:, None, None]) * actions
         u = noise - actions  # the target velocity d x_tau / d tau
         velocity = self._expert(x_tau, tau, kv, prefix_valid)  # (B, H, A)
-        flow = masked_mean(((velocity.float() - u) ** 2).mean((1, 2)), batch["has_actions"])  # VQA rows: no actions
+        # mean over the robot rows (VQA rows: no actions)
+        flow = masked_mean(((velocity.float() - u) ** 2).mean((1, 2)), batch["has_actions"])
         return ce, flow
 
     def forward(self, batch, noise=None, time=None):
-        """Calling the model is its training loss, so DistributedDataParallel and torch.compile can wrap it."""
+        """Calling the model is its training loss, so DistributedDataParallel and torch.compile can
+        wrap it."""
         return self.compute_loss(batch, noise, time)
 
-    # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it) ----
+    # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it)
     def backbone_prefix_kv(self, batch):
-        """What the action expert reads: per-layer [(k, v)] over the prefix, each (B, n_kv_head, Tp, head_dim)
-        with RoPE applied at positions 0..Tp-1, and prefix_valid (B, Tp)."""
+        """What the action expert reads: per-layer [(k, v)] over the prefix, each
+        (B, n_kv_head, Tp, head_dim) with RoPE applied at positions 0..Tp-1, and prefix_valid
+        (B, Tp)."""
         x, valid = self.backbone.embed_prefix(batch)
-        _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device), prefix_lm_mask(valid, 0))
+        _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device),
+                              prefix_lm_mask(valid, 0))
         return kv, valid
 
     def forward_vlm(self, batch):
-        """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states (B, Ts, D),
-        per-layer [(k, v)] over all Tp + Ts tokens, prefix_valid (B, Tp)."""
+        """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states
+        (B, Ts, D), per-layer [(k, v)] over all Tp + Ts tokens, prefix_valid (B, Tp)."""
         x, prefix_valid = self.backbone.embed_prefix(batch)  # (B, Tp, D)
         Tp, Ts = x.shape[1], batch["suffix"].shape[1]
         x = torch.cat([x, self.backbone.embed(batch["suffix"])], 1)  # (B, Tp + Ts, D)
-        h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device), prefix_lm_mask(prefix_valid, Ts))
+        h, kv = self.backbone(x, torch.arange(Tp + Ts, device=x.device),
+                              prefix_lm_mask(prefix_valid, Ts))
         return h[:, Tp:], kv, prefix_valid
 
     def _expert(self, x_tau, tau, kv, prefix_valid):
         Tp, H = prefix_valid.shape[1], x_tau.shape[1]
-        # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed, because at
-        # inference none do; numbering them after the FAST tokens would shift them between train and test
+        # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed,
+        # because at inference none do; numbering them after the FAST tokens would shift them
+        # between train and test
         pos = torch.arange(Tp, Tp + H, device=x_tau.device)
         return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_actions(self, batch, num_steps=10, noise=None):
-        """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to tau=0
-        with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting point (drawn if
-        None). -> (B, H, A) actions, on the model's device."""
+        """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to
+        tau=0 with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting
+        point (drawn if None). -> (B, H, A) actions, on the model's device."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
         B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
-        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)  # (B, H, A), tau = 1
+        # (B, H, A), tau = 1
+        x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
         dt = 1.0 / num_steps
         for i in range(num_steps):
             tau = torch.full((B,), 1.0 - i * dt, device=self.device)
-            x = x - dt * self._expert(x, tau, kv, valid).float()  # x_{tau - dt} = x_tau - dt * v(x_tau, tau)
+            # x_{tau - dt} = x_tau - dt * v(x_tau, tau)
+            x = x - dt * self._expert(x, tau, kv, valid).float()
         return self._unnormalize(x)
 
     def _unnormalize(self, actions):
         if self.action_norm is None:
             return actions
-        return (actions.double() * self.action_scale + self.action_mid).float()  # QuantileNorm.inverse, in float64
+        # QuantileNorm.inverse, in float64
+        return (actions.double() * self.action_scale + self.action_mid).float()
 
     @torch.no_grad()
     def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
-        """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens after
-        "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly), on the model's device.
-        stop_at_eos=False always decodes max_tokens (fair timing of an untrained model)."""
-        return self.decode_fast_tokens(self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
+        """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens
+        after "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly),
+        on the model's device. stop_at_eos=False always decodes max_tokens (fair timing of an
+        untrained model)."""
+        return self.decode_fast_tokens(
+            self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
 
     @torch.no_grad()
     def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
-        """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are fixed and it
-        never reads a value back to Python, so it can be captured as one CUDA graph (train_toy.graphed_fast)."""
+        """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are
+        fixed and it never reads a value back to Python, so it can be captured as one CUDA graph
+        (train_toy.graphed_fast)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         vocab, dev = self.vocab, self.device
         max_tokens = max_tokens or self.cfg.suffix_len
@@ -836,22 +940,26 @@ class KIVLA(nn.Module):
                 break
             if use_cache:  # one new token attends to everything before it
                 T = Tp + 1 + out.shape[1]
-                mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]  # (B, 1, 1, T)
-                h, cache = self.backbone(self.backbone.embed(nxt[:, None]), torch.full((1,), T - 1, device=dev),
-                                         mask, cache)
+                # (B, 1, 1, T)
+                mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]
+                h, cache = self.backbone(self.backbone.embed(nxt[:, None]),
+                                         torch.full((1,), T - 1, device=dev), mask, cache)
             else:  # recompute the whole sequence: the reference the cache must match
                 seq = torch.cat([act, out], 1)
                 xs = torch.cat([x[:, :Tp], self.backbone.embed(seq)], 1)
-                h, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev), prefix_lm_mask(valid, seq.shape[1]))
+                h, _ = self.backbone(xs, torch.arange(xs.shape[1], device=dev),
+                                     prefix_lm_mask(valid, seq.shape[1]))
         return out
 
     def decode_fast_tokens(self, tokens):
-        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded, unnormalised."""
+        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded,
+        unnormalised."""
         acts, oks = [], []
         for row in tokens.tolist():
             ended = self.vocab.eos in row  # no "|" within max_tokens: malformed
             row = row[:row.index(self.vocab.eos)] if ended else row
-            ids = [t - self.vocab.fast_offset if t >= self.vocab.fast_offset else -1 for t in row]  # words -> invalid
+            # words -> invalid
+            ids = [t - self.vocab.fast_offset if t >= self.vocab.fast_offset else -1 for t in row]
             a, ok = self.fast_tokenizer.decode(ids, return_valid=True)
             acts.append(a)
             oks.append(ok and ended)
@@ -860,39 +968,46 @@ class KIVLA(nn.Module):
 
     @torch.no_grad()
     def predict_actions(self, batch, num_steps=10, noise=None):
-        """The variant's own inference: AR FAST decoding for `fast`, flow sampling for the others."""
+        """The variant's own inference: AR FAST decoding for `fast`, flow sampling otherwise."""
         if self.cfg.variant == "fast":
             return self.generate_fast_actions(batch)[0]
         return self.sample_actions(batch, num_steps, noise)
 
     # -- data -----------------------------------------------------------------------------------
     def make_batch(self, observations, actions=None):
-        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors (see BATCH_KEYS).
-        An observation with an "answer" key is a VQA row: its answer (words, or a list of state-bin
-        ints) becomes the suffix and it gets no action loss."""
+        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors
+        (see BATCH_KEYS). An observation with an "answer" key is a VQA row: its answer (words, or a
+        list of state-bin ints) becomes the suffix and it gets no action loss."""
         cfg, vocab = self.cfg, self.vocab
         B, Tt, Ts = len(observations), cfg.text_len, cfg.suffix_len
         if actions is not None:
             actions = np.asarray(actions, dtype=np.float32)
             if actions.shape != (B, cfg.action_horizon, cfg.action_dim):
-                raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), got {actions.shape}")
+                raise ValueError(f"actions must be ({B}, {cfg.action_horizon}, {cfg.action_dim}), "
+                                 f"got {actions.shape}")
             actions = self.action_norm(actions) if self.action_norm else actions  # -> about [-1, 1]
         out = {"image": np.stack([o["image"] for o in observations]),
-               "text": np.full((B, Tt), vocab.pad), "state": np.zeros((B, cfg.state_dim), np.int64),
+               "text": np.full((B, Tt), vocab.pad),
+               "state": np.zeros((B, cfg.state_dim), np.int64),
                "suffix": np.full((B, Ts), vocab.pad), "suffix_target": np.full((B, Ts), vocab.pad),
                "actions": np.zeros((B, cfg.action_horizon, cfg.action_dim), np.float32),
                "has_actions": np.zeros(B, bool)}
-        fast = self.fast_tokenizer.encode_batch(actions) if actions is not None and cfg.use_fast else None
+        fast = (self.fast_tokenizer.encode_batch(actions) if actions is not None and cfg.use_fast
+                else None)
         if out["image"].shape[1:] != (cfg.image_size, cfg.image_size, 3):
-            raise ValueError(f"images must be ({cfg.image_size}, {cfg.image_size}, 3), got {out['image'].shape[1:]}")
+            raise ValueError(f"images must be ({cfg.image_size}, {cfg.image_size}, 3), "
+                             f"got {out['image'].shape[1:]}")
         for i, o in enumerate(observations):
             words, _ = vocab.words(o["instruction"])
             if len(words) > Tt:
-                raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: {o['instruction']!r}")
+                raise ValueError(f"instruction has {len(words)} words, more than text_len={Tt}: "
+                                 f"{o['instruction']!r}")
             out["text"][i, :len(words)] = words
             if np.shape(o["state"]) != (cfg.state_dim,):
-                raise ValueError(f"state must have state_dim={cfg.state_dim} numbers, got shape {np.shape(o['state'])}")
-            xy = o["state"] if self.state_norm is None else (self.state_norm(o["state"]) + 1) / 2  # -> about [0, 1]
+                raise ValueError(f"state must have state_dim={cfg.state_dim} numbers, "
+                                 f"got shape {np.shape(o['state'])}")
+            # -> about [0, 1]
+            xy = o["state"] if self.state_norm is None else (self.state_norm(o["state"]) + 1) / 2
             out["state"][i] = vocab.state(xy)
             seq = []
             if "answer" in o:  # VQA row: "Answer:" answer... "|"
@@ -904,7 +1019,9 @@ class KIVLA(nn.Module):
                 out["actions"][i], out["has_actions"][i] = actions[i], True
                 if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
                     seq = [vocab.action] + [vocab.fast_offset + t for t in fast[i]] + [vocab.eos]
-            if seq:  # next-token prediction: inputs seq[:-1], targets seq[1:] ("Action:" only in, "|" only out)
+            # next-token prediction: inputs seq[:-1], targets seq[1:]
+            # ("Action:" only in, "|" only out)
+            if seq:
                 out["suffix"][i, :len(seq) - 1] = seq[:-1]
                 out["suffix_target"][i, :len(seq) - 1] = seq[1:]
         batch = {k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}
@@ -913,17 +1030,18 @@ class KIVLA(nn.Module):
         return batch
 
     def _check_batch(self, batch):
-        """pi0 trains without FAST tokens: a batch built for another variant is refused (in eager mode only:
-        the check reads a value back to Python)."""
+        """pi0 trains without FAST tokens: a batch built for another variant is refused (in eager
+        mode only: the check reads a value back to Python)."""
         if not self.cfg.use_fast and _eager() and (batch["suffix"] >= self.vocab.fast_offset).any():
-            raise ValueError(f"variant {self.cfg.variant!r} trains without FAST tokens, but the batch has some: "
-                             "build batches with this model's make_batch")
+            raise ValueError(f"variant {self.cfg.variant!r} trains without FAST tokens, but the "
+                             "batch has some: build batches with this model's make_batch")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, path, **extra):
-        norms = {k: n.state_dict()
-                 for k, n in (("action_norm", self.action_norm), ("state_norm", self.state_norm)) if n}
-        if isinstance(self.backbone, HFBackbone):  # enough to rebuild the VLM's architecture; weights are in "model"
+        norms = {k: n.state_dict() for k, n in (("action_norm", self.action_norm),
+                                                ("state_norm", self.state_norm)) if n}
+        # enough to rebuild the VLM's architecture; weights are in "model"
+        if isinstance(self.backbone, HFBackbone):
             extra["hf_backbone"] = self.backbone.architecture()
         torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
                     "fast_tokenizer": self.fast_tokenizer.state_dict(), **norms, **extra}, path)
@@ -931,45 +1049,54 @@ class KIVLA(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", tokenizer=None, **overrides):
         """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True).
-        tokenizer: the VLM's text tokenizer, for a checkpoint trained with one (it is not stored)."""
+        tokenizer: the VLM's text tokenizer, for a checkpoint trained with one (it is not
+        stored)."""
         ck = torch.load(path, map_location=device, weights_only=True)
         norms = {k: QuantileNorm(**ck[k]) for k in ("action_norm", "state_norm") if k in ck}
-        backbone = HFBackbone.from_architecture(ck["hf_backbone"], tokenizer) if "hf_backbone" in ck else None
-        known = {f.name for f in fields(Config)}  # a setting since removed (e.g. flow_samples) is dropped
+        backbone = (HFBackbone.from_architecture(ck["hf_backbone"], tokenizer)
+                    if "hf_backbone" in ck else None)
+        # settings this Config does not have are dropped, so an older checkpoint still loads
+        known = {f.name for f in fields(Config)}
         cfg = Config(**{**{k: v for k, v in ck["config"].items() if k in known}, **overrides})
         model = cls(cfg, FASTTokenizer.from_state_dict(ck["fast_tokenizer"]),
                     **norms, backbone=backbone)
         try:
             model.load_state_dict(ck["model"])
-        except RuntimeError as e:  # a shape differs: e.g. a checkpoint built with another toy vocabulary (WORDS)
+        except RuntimeError as e:
+            # a shape differs: e.g. a checkpoint built with another toy vocabulary (WORDS)
             raise ValueError(f"{path} does not fit this kivla's model (from an older version?): "
                              f"{str(e)[:300]}") from None
         return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma), as pi0 and KI use
+# 8. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma), as in pi0 and KI
 # ------------------------------------------------------------------------------------------------
-# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works unchanged:
-#   hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
-#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, AutoProcessor.from_pretrained(...).tokenizer))
+# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works
+# unchanged:
+#   from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+#   hf = PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
+#   tokenizer = AutoProcessor.from_pretrained("google/paligemma-3b-pt-224").tokenizer
+#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, tokenizer))
 
 
 class HFBackbone(nn.Module):
-    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own LM head.
+    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own
+    LM head.
 
-    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE base), and
-    reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys after RoPE, with the
-    same rotate-half convention and frequencies as `rope`, at the positions we pass (0..Tp-1 for the prefix;
-    PaliGemma's own forward counts from 1, which no relative position can tell apart).
+    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE
+    base), and reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys
+    after RoPE, with the same rotate-half convention and frequencies as `rope`, at the positions we
+    pass (0..Tp-1 for the prefix; PaliGemma's own forward counts from 1, which no relative position
+    can tell apart).
     """
 
     def __init__(self, hf_model, tokenizer=None):
         super().__init__()
         import transformers  # noqa: F401  (the optional dependency, only here)
         if int(transformers.__version__.split(".")[0]) < 5:
-            raise ImportError(f"HFBackbone needs transformers >= 5 (found {transformers.__version__}): "
-                              "pip install -U transformers")
+            raise ImportError("HFBackbone needs transformers >= 5 "
+                              f"(found {transformers.__version__}): pip install -U transformers")
         self.hf, self.tokenizer = hf_model, tokenizer
         tc = hf_model.config.text_config
         rope = getattr(tc, "rope_parameters", None) or {}
@@ -979,16 +1106,19 @@ class HFBackbone(nn.Module):
         if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
             raise ValueError("HFBackbone passes boolean attention masks: "
                              "load the model with attn_implementation='sdpa'")
-        self.n_layer, self.n_head, self.n_kv_head = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
+        self.n_layer, self.n_head, self.n_kv_head = (
+            tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads)
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
         self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
-        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values` (argument and output)
+        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values`
+        # (argument and output)
         lm_args = inspect.signature(hf_model.model.language_model.forward).parameters
         self.cache_name = "cache" if "cache" in lm_args else "past_key_values"
 
     def architecture(self):
-        """What from_architecture needs to rebuild this model with random weights (a checkpoint has the rest)."""
+        """What from_architecture needs to rebuild this model with random weights (a checkpoint
+        has the rest)."""
         return {"class": type(self.hf).__name__, "config": self.hf.config.to_json_string()}
 
     @staticmethod
@@ -999,47 +1129,57 @@ class HFBackbone(nn.Module):
         return HFBackbone(cls(cls.config_class.from_dict(json.loads(arch["config"]))), tokenizer)
 
     def embed(self, ids):
-        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own scaling)."""
+        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own
+        scaling)."""
         return self.hf.model.language_model.embed_tokens(ids)  # (B, T, D)
 
     def lm_head(self, hidden):
         return self.hf.lm_head(hidden)  # (B, T, V), tied to the embedding as in Gemma
 
     def embed_prefix(self, batch):
-        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image tokens,
-        then [image | text | state] as the toy. Image tokens enter unscaled, as in PaliGemma's own forward."""
+        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image
+        tokens, then [image | text | state] as the toy. Image tokens enter unscaled, as in
+        PaliGemma's own forward."""
         x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
         if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
         img = self.hf.model.get_image_features(x.to(self.hf.dtype)).pooler_output  # (B, Ti, D)
-        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]), self.embed(batch["state"])], 1)
+        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]),
+                       self.embed(batch["state"])], 1)
         return x, prefix_valid(batch, img.shape[1])
 
     def forward(self, x, pos, mask, cache=None):
-        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF uses a 4-D
-        mask as given), the cache as a list of per-layer (k, v), and the keys/values come back the same way."""
+        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF
+        uses a 4-D mask as given), the cache as a list of per-layer (k, v), and the keys/values come
+        back the same way."""
         from transformers import DynamicCache
         past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
-        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos[None],
-                                           use_cache=True, **{self.cache_name: past})
-        return out.last_hidden_state, [(layer.keys, layer.values) for layer in getattr(out, self.cache_name).layers]
+        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask,
+                                           position_ids=pos[None], use_cache=True,
+                                           **{self.cache_name: past})
+        return out.last_hidden_state, [(layer.keys, layer.values)
+                                       for layer in getattr(out, self.cache_name).layers]
 
 
 def tiny_paligemma(cfg, fast_vocab_size):
-    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub), shaped like
-    the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with cfg's width, depth, heads
-    and head size, and Gemma 2B's single key/value head unless cfg.n_kv_head says otherwise. Its vocabulary
-    is just big enough for the toy's words, state bins, markers, FAST ids and the 128 reserved ids."""
+    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub),
+    shaped like the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with
+    cfg's width, depth, heads and head size, and Gemma 2B's single key/value head unless
+    cfg.n_kv_head says otherwise. Its vocabulary is just big enough for the toy's words, state
+    bins, markers, FAST ids and the 128 reserved ids."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
     V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
-    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width,
-                  num_hidden_layers=cfg.vit_layers, num_attention_heads=4, image_size=cfg.image_size,
-                  patch_size=cfg.patch_size, projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
+    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width,
+                  intermediate_size=4 * cfg.vit_width, num_hidden_layers=cfg.vit_layers,
+                  num_attention_heads=4, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
     text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head or 1,
-                head_dim=cfg.head_dim, vocab_size=V)
-    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text,
-                                                             projection_dim=cfg.d_model, image_token_index=V - 1))
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                num_key_value_heads=cfg.n_kv_head or 1, head_dim=cfg.head_dim, vocab_size=V)
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(
+        vision_config=vision, text_config=text, projection_dim=cfg.d_model,
+        image_token_index=V - 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1052,28 +1192,34 @@ CORNERS = {"top left": (0.15, 0.15), "top right": (0.85, 0.15),
            "bottom left": (0.15, 0.85), "bottom right": (0.85, 0.85)}  # (x, y), y grows downwards
 INSTRUCTION = "push the {color} block to the {corner} corner"
 ALL_TASKS = [(c, k) for c in COLORS for k in CORNERS]
-# The evaluation splits: fixed constants, never tuned on results (tuning them would bias every number):
-# 1) held-out combinations: colour x corner pairs never in robot demos; their words all are (recombination)
+# The evaluation splits: fixed constants, never tuned on results (tuning them would bias every
+# number):
+# 1) held-out combinations: colour x corner pairs never in robot demos; their words all are
+#    (recombination)
 HELDOUT_TASKS = [("red", "bottom right"), ("green", "top left"), ("blue", "bottom left"),
                  ("yellow", "top right"), ("purple", "top left")]
-# 2) an unseen target concept: this colour is never the target of a robot demo (it may be a distractor);
-#    only the VQA data says which blob it names. The toy analogue of knowledge only the VLM has.
+# 2) an unseen target concept: this colour is never the target of a robot demo (it may be a
+#    distractor); only the VQA data says which blob it names. The toy analogue of knowledge only
+#    the VLM has.
 UNSEEN_COLOR = "purple"  # train_toy.py --unseen_color ("" = none)
-# 3) unseen wording: words only the VQA data uses, never a robot instruction (instructions say push/top/bottom)
+# 3) unseen wording: words only the VQA data uses, never a robot instruction (instructions say
+#    push/top/bottom)
 SYNONYMS = {"push": ("shove", "nudge"), "top": ("upper",), "bottom": ("lower",)}
 
 
 def task_splits(unseen_color=UNSEEN_COLOR):
-    """(colour, corner) tasks per split. "train" = what robot demos cover (and in-distribution evaluation);
-    unseen wording evaluates the "train" tasks with `paraphrase`d instructions."""
+    """(colour, corner) tasks per split. "train" = what robot demos cover (and in-distribution
+    evaluation); unseen wording evaluates the "train" tasks with `paraphrase`d instructions."""
     return {"train": [t for t in ALL_TASKS if t not in HELDOUT_TASKS and t[0] != unseen_color],
             "heldout": [t for t in HELDOUT_TASKS if t[0] != unseen_color],
             "unseen_color": [t for t in ALL_TASKS if t[0] == unseen_color]}
 
 
 def paraphrase(text, rng):
-    """Replace every word that has synonyms by one of them: "push ... top left" -> "shove ... upper left"."""
-    return " ".join(SYNONYMS[w][rng.integers(len(SYNONYMS[w]))] if w in SYNONYMS else w for w in text.split())
+    """Replace every word that has synonyms by one of them:
+    "push ... top left" -> "shove ... upper left"."""
+    return " ".join(SYNONYMS[w][rng.integers(len(SYNONYMS[w]))] if w in SYNONYMS else w
+                    for w in text.split())
 
 
 TRAIN_TASKS = task_splits()["train"]
@@ -1086,17 +1232,20 @@ class PushEnv(gymnasium.Env):
     vision and language. Action: pusher velocity in [-1, 1]^2 (times `speed` per step), clipped.
     Physics is kinematic and deterministic: the pusher displaces blocks along the contact normal,
     blocks displace blocks, walls clamp. `tasks` picks the (colour, corner) pairs that reset samples
-    (or pass options={"task": (colour, corner)}). Reward: minus the target block's distance to its goal.
-    terminated: success = the target's centre on its goal pad; truncated: after max_episode_steps.
+    (or pass options={"task": (colour, corner)}). Reward: minus the target block's distance to
+    its goal. terminated: success = the target's centre on its goal pad; truncated: after
+    max_episode_steps.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
     pusher_radius, block_radius, speed, success_tol = 0.05, 0.06, 0.05, 0.1  # tol = half the pad
 
-    def __init__(self, image_size=64, max_episode_steps=100, tasks="train", render_mode=None, render_size=256):
+    def __init__(self, image_size=64, max_episode_steps=100, tasks="train", render_mode=None,
+                 render_size=256):
         named = {**task_splits(), "all": ALL_TASKS}
         if not (tasks in named if isinstance(tasks, str) else isinstance(tasks, (list, tuple))):
-            raise ValueError(f"tasks must be one of {', '.join(named)} or a list of (colour, corner), got {tasks!r}")
+            raise ValueError(f"tasks must be one of {', '.join(named)} or a list of "
+                             f"(colour, corner), got {tasks!r}")
         self.tasks = named[tasks] if isinstance(tasks, str) else [tuple(t) for t in tasks]
         for c, k in self.tasks:
             assert c in COLORS and k in CORNERS, f"unknown task ({c!r}, {k!r})"
@@ -1122,12 +1271,13 @@ class PushEnv(gymnasium.Env):
         self.blocks = self._place(rng, 3, self.block_radius * 2 + 0.02, lo=0.25, hi=0.75)  # (3, 2)
         while True:  # pusher anywhere not touching a block
             p = rng.uniform(0.1, 0.9, 2)
-            if np.min(np.linalg.norm(self.blocks - p, axis=1)) > self.pusher_radius + self.block_radius + 0.02:
+            if (np.min(np.linalg.norm(self.blocks - p, axis=1))
+                    > self.pusher_radius + self.block_radius + 0.02):
                 break
         self.pusher, self.goal = p, np.array(CORNERS[self.corner])
         self.instruction = INSTRUCTION.format(color=self.color, corner=self.corner)
         self.steps = 0
-        return self._obs(), {"success": False}
+        return self.observe(), {"success": False}
 
     @staticmethod
     def _place(rng, n, min_dist, lo, hi):
@@ -1142,16 +1292,20 @@ class PushEnv(gymnasium.Env):
         if a.shape != (2,) or not np.all(np.isfinite(a)):
             raise ValueError(f"PushEnv.step: action must be 2 finite numbers, got {action!r}")
         a = np.clip(a, -1.0, 1.0)  # out-of-range velocities are clipped, like a real motor limit
-        self._physics(a * self.speed)
+        self.simulate(a * self.speed)
         self.steps += 1
         dist = float(np.linalg.norm(self.blocks[0] - self.goal))
-        success = bool(np.all(np.abs(self.blocks[0] - self.goal) < self.success_tol))  # centre on the drawn pad
+        # centre on the drawn pad
+        success = bool(np.all(np.abs(self.blocks[0] - self.goal) < self.success_tol))
         truncated = self.steps >= self.max_episode_steps and not success
-        return self._obs(), -dist, success, truncated, {"success": success}
+        return self.observe(), -dist, success, truncated, {"success": success}
 
-    def _physics(self, dp):
-        # plain Python floats, not numpy: on 2-vectors numpy's per-call overhead is most of the time, and this is
-        # most of the data generation's time. The arithmetic is the same float64 (same numbers as numpy's).
+    def simulate(self, dp):
+        """The physics of one step, nothing else: the pusher moves by dp (2,), pushing what it
+        touches."""
+        # plain Python floats, not numpy: on 2-vectors numpy's per-call overhead is most of the
+        # time, and this is most of the data generation's time. The arithmetic is the same float64
+        # (same numbers as numpy's).
         rp, rb, clip = self.pusher_radius, self.block_radius, lambda v, r: min(max(v, r), 1 - r)
         p = [clip(v + d, rp) for v, d in zip(self.pusher.tolist(), dp.tolist())]
         bs = self.blocks.tolist()  # 3 x [x, y]
@@ -1160,13 +1314,15 @@ class PushEnv(gymnasium.Env):
                 dx, dy = b[0] - p[0], b[1] - p[1]
                 n = math.hypot(dx, dy)
                 if n < rp + rb:
-                    b[0], b[1] = p[0] + dx / max(n, 1e-9) * (rp + rb), p[1] + dy / max(n, 1e-9) * (rp + rb)
+                    b[0], b[1] = (p[0] + dx / max(n, 1e-9) * (rp + rb),
+                                  p[1] + dy / max(n, 1e-9) * (rp + rb))
             for i in range(3):
                 for j in range(i + 1, 3):
                     dx, dy = bs[j][0] - bs[i][0], bs[j][1] - bs[i][1]
                     n = math.hypot(dx, dy)
                     if n < 2 * rb:
-                        sx, sy = dx / max(n, 1e-9) * (2 * rb - n) / 2, dy / max(n, 1e-9) * (2 * rb - n) / 2
+                        sx, sy = (dx / max(n, 1e-9) * (2 * rb - n) / 2,
+                                  dy / max(n, 1e-9) * (2 * rb - n) / 2)
                         bs[i] = [bs[i][0] - sx, bs[i][1] - sy]
                         bs[j] = [bs[j][0] + sx, bs[j][1] + sy]
             bs = [[clip(x, rb), clip(y, rb)] for x, y in bs]
@@ -1174,20 +1330,25 @@ class PushEnv(gymnasium.Env):
             dx, dy = p[0] - b[0], p[1] - b[1]
             n = math.hypot(dx, dy)
             if n < rp + rb:
-                p = [clip(b[0] + dx / max(n, 1e-9) * (rp + rb), rp), clip(b[1] + dy / max(n, 1e-9) * (rp + rb), rp)]
+                p = [clip(b[0] + dx / max(n, 1e-9) * (rp + rb), rp),
+                     clip(b[1] + dy / max(n, 1e-9) * (rp + rb), rp)]
         self.pusher, self.blocks = np.array(p), np.array(bs)
 
     # -- observation and rendering ---------------------------------------------------------------
-    def _obs(self):
+    def observe(self):
+        """The current observation: {"image" (S, S, 3) uint8, "state" (2,): pusher x, y,
+        "instruction"}."""
         return {"image": self._draw(self.image_size), "state": self.pusher.astype(np.float32),
                 "instruction": self.instruction}
 
     def _draw(self, size):
         img = Image.new("RGB", (size, size), (205, 205, 200))
         dr = ImageDraw.Draw(img)
-        g = self.success_tol * size  # goal pads: the four corners look alike, only the words say which one
+        # goal pads: the four corners look alike, only the words say which one
+        g = self.success_tol * size
         for gx, gy in CORNERS.values():
-            dr.rectangle([gx * size - g, gy * size - g, gx * size + g, gy * size + g], fill=(165, 165, 160))
+            dr.rectangle([gx * size - g, gy * size - g, gx * size + g, gy * size + g],
+                         fill=(165, 165, 160))
         r = self.block_radius * size
         for (x, y), c in zip(self.blocks, self.colors):
             dr.ellipse([x * size - r, y * size - r, x * size + r, y * size + r], fill=COLORS[c])
@@ -1204,8 +1365,9 @@ gymnasium.register(id="kivla/Push-v0", entry_point=PushEnv)
 
 
 def scripted_action(env, noise=0.0, rng=None):
-    """The scripted policy that demonstrates the task (a pushing oracle, Language Table style; not to be
-    confused with the action expert, the network): get behind the block, then push it to the goal.
+    """The scripted policy that demonstrates the task (a pushing oracle, Language Table style; not
+    to be confused with the action expert, the network): get behind the block, then push it to the
+    goal.
 
     A plain function of the env's true state. Proportional control saturating at speed 1 keeps the
     actions smooth (so the DCT compresses them). With noise > 0 it returns the clean action plus
@@ -1221,7 +1383,8 @@ def scripted_action(env, noise=0.0, rng=None):
     lateral = rel - along * u
     lat = np.linalg.norm(lateral)
     if along < -0.5 * reach and lat < 0.025:
-        # push phase: drive along u, steer back onto the line behind the block, slow down near the goal
+        # push phase: drive along u, steer back onto the line behind the block, slow down near the
+        # goal
         target = b - u * reach * 0.8 + u * min(dist, 0.1)
     elif along < 0 or lat > reach + 0.02:
         target = b - u * (reach + 0.015)  # go to the pre-push point
@@ -1238,14 +1401,15 @@ def scripted_action(env, noise=0.0, rng=None):
     return np.clip(v, -1.0, 1.0).astype(np.float32)
 
 
-expert_action = scripted_action  # its earlier name, which external checks and course material use
+expert_action = scripted_action  # an alias: external checks and course material use this name
 
 
 # ------------------------------------------------------------------------------------------------
-# 10. The toy world, 2: vision-language data, questions about a scene covering every instruction word
+# 10. The toy world, 2: vision-language data, scene questions covering every instruction word
 # ------------------------------------------------------------------------------------------------
-# A real VLA starts from a VLM that already knows what "red" and "top left" mean. Our stand-in for that
-# knowledge is toy VQA on the same scenes; the backbone is pre-trained on it and co-trained with it.
+# A real VLA starts from a VLM that already knows what "red" and "top left" mean. Our stand-in for
+# that knowledge is toy VQA on the same scenes; the backbone is pre-trained on it and co-trained
+# with it.
 
 
 def position_bins(xy, grid=8, bins=256):
@@ -1256,14 +1420,15 @@ def position_bins(xy, grid=8, bins=256):
 
 def make_vqa(env, rng):
     """One (question, answer) about the env's current scene. Answers are word strings, except
-    "where is" whose answer is a list of two state-bin ints (x, y). Half of the "where" questions name the
-    block the way a robot instruction does ("push the red block to the top left corner where is it"): the
-    VLM learns to find the block an instruction names, in the instruction's own words, as pointing data in a
-    real VLA's co-training mix does (the corner in it is random: it is not the answer). Corners in questions
-    are said both ways ("top left" / "upper left"), and the verbs push, shove and nudge appear in the same
-    question: the only place a robot instruction's unseen wording (SYNONYMS) is ever seen, as web text is
-    for a real VLM."""
-    kind = rng.choice(4, p=[0.45, 0.2, 0.2, 0.15])  # "where" carries the most grounding signal per question
+    "where is" whose answer is a list of two state-bin ints (x, y). Half of the "where" questions
+    name the block the way a robot instruction does ("push the red block to the top left corner
+    where is it"): the VLM learns to find the block an instruction names, in the instruction's own
+    words, as pointing data in a real VLA's co-training mix does (the corner in it is random: it is
+    not the answer). Corners in questions are said both ways ("top left" / "upper left"), and the
+    verbs push, shove and nudge appear in the same question: the only place a robot instruction's
+    unseen wording (SYNONYMS) is ever seen, as web text is for a real VLM."""
+    # "where" carries the most grounding signal per question
+    kind = rng.choice(4, p=[0.45, 0.2, 0.2, 0.15])
     i = int(rng.integers(3))
     color, pos = env.colors[i], env.blocks[i]
     if kind == 0:
@@ -1285,11 +1450,12 @@ def make_vqa(env, rng):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. One vocabulary for the backbone: specials | words | 256 state bins | FAST ids (last, as openpi)
+# 11. One backbone vocabulary: specials | words | 256 state bins | FAST ids (last, as openpi)
 # ------------------------------------------------------------------------------------------------
 
 SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
-WORDS = sorted(set(" ".join([INSTRUCTION, "where is it the which corner nearest what colour you moves",
+WORDS = sorted(set(" ".join([INSTRUCTION,
+                             "where is it the which corner nearest what colour you moves",
                              *COLORS, *CORNERS, *(w for ws in SYNONYMS.values() for w in ws)])
                    .replace("{color}", "").replace("{corner}", "").split()))
 
@@ -1312,10 +1478,11 @@ class Vocab:
 
     @classmethod
     def inside(cls, size, fast_vocab_size, state_bins=256, tokenizer=None, reserved=128):
-        """Inside a real VLM's vocabulary of `size` ids: words keep the low ids (or come from the VLM's own
-        `tokenizer`), and [state bins]["Action:" "Answer:" "|"][FAST] sit just below the last `reserved` ids.
-        openpi puts FAST into the last ids of PaliGemma's vocabulary but skips its final 128 (special tokens,
-        the image token among them), so no special token is ever overwritten."""
+        """Inside a real VLM's vocabulary of `size` ids: words keep the low ids (or come from the
+        VLM's own `tokenizer`), and [state bins]["Action:" "Answer:" "|"][FAST] sit just below the
+        last `reserved` ids. openpi puts FAST into the last ids of PaliGemma's vocabulary but skips
+        its final 128 (special tokens, the image token among them), so no special token is ever
+        overwritten."""
         v = cls(fast_vocab_size, state_bins)
         v.size, v.tokenizer, v.fast_offset = size, tokenizer, size - reserved - fast_vocab_size
         v.action, v.answer, v.eos = range(v.fast_offset - 3, v.fast_offset)
@@ -1323,8 +1490,9 @@ class Vocab:
         if tokenizer is not None:  # a real tokenizer's rarest ids get repurposed, as openpi does
             v.pad, v.unk = tokenizer.pad_token_id, tokenizer.unk_token_id
         elif len(v.itos) > v.state_offset:  # the toy words must all fit below the state bins
-            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(v.itos)} words + {state_bins} state bins "
-                             f"+ 3 markers + {fast_vocab_size} FAST ids + {reserved} reserved ids")
+            raise ValueError(f"a vocabulary of {size} ids cannot hold {len(v.itos)} words + "
+                             f"{state_bins} state bins + 3 markers + {fast_vocab_size} FAST ids + "
+                             f"{reserved} reserved ids")
         return v
 
     def words(self, text):
@@ -1336,25 +1504,29 @@ class Vocab:
         return [self.stoi.get(w, self.unk) for w in toks], [w for w in toks if w not in self.stoi]
 
     def state(self, xy):
-        """pi0.5 feeds proprioception as text: each coordinate in [0, 1] -> one of 256 bin tokens."""
-        b = np.clip((np.asarray(xy, dtype=np.float64) * self.state_bins).astype(int), 0, self.state_bins - 1)
+        """pi0.5 feeds proprioception as text: each coordinate in [0, 1] -> one of 256 bin
+        tokens."""
+        b = np.clip((np.asarray(xy, dtype=np.float64) * self.state_bins).astype(int),
+                    0, self.state_bins - 1)
         return (b + self.state_offset).tolist()
 
 
 # ------------------------------------------------------------------------------------------------
-# 12. Exercises (README "Exercises" 1 and 2): fill these in, then run `python -m pytest -q -k exercise`
+# 12. Exercises (README "Exercises" 1 and 2): fill these in, then `python -m pytest -q -k exercise`
 # ------------------------------------------------------------------------------------------------
 
 
 def exercise_stop_gradient(kv):
-    """Exercise 1: knowledge insulation, written by you. kv: the backbone's per-layer [(k, v)], each
-    (B, nkv, Tp, hs). Return what the action expert may read: the same values, through which no gradient can
-    flow back into the backbone. (Returns None until you write it: its test skips until then.)"""
+    """Exercise 1: knowledge insulation, written by you. kv: the backbone's per-layer [(k, v)],
+    each (B, nkv, Tp, hs). Return what the action expert may read: the same values, through which
+    no gradient can flow back into the backbone. (Returns None until you write it: its test skips
+    until then.)"""
     return None
 
 
 def exercise_flow_target(noise, actions, tau):
-    """Exercise 2: flow matching's training pair [5]. noise, actions (B, H, A); tau (B,) in [0, 1], 1 = pure noise.
-    Return (x_tau, u): the point at time tau on the straight path between the actions (tau = 0) and the noise
-    (tau = 1), and its velocity d x_tau / d tau, the target the action expert learns. (None until you write it.)"""
+    """Exercise 2: flow matching's training pair [5]. noise, actions (B, H, A); tau (B,) in [0, 1],
+    1 = pure noise. Return (x_tau, u): the point at time tau on the straight path between the
+    actions (tau = 0) and the noise (tau = 1), and its velocity d x_tau / d tau, the target the
+    action expert learns. (None until you write it.)"""
     return None

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import warnings
+import contextlib
 import dataclasses
 from dataclasses import asdict
 
@@ -85,12 +86,12 @@ def test_symbols_are_low_frequency_first(tok):
     """Dim 0 constant 0.5, dim 1 zero: symbols = [dc0, dc1, f1_d0, f1_d1, ...] = [M+16, M, M, M, ...]."""
     x = np.zeros((10, 2))
     x[:, 0] = 0.5
-    syms = tok._symbols(x)
+    syms = tok.symbols(x)
     M = tok.M
     assert syms[0] == M + round(10 * 0.5 * math.sqrt(10)) and syms[1:] == [M] * 19
     x = np.zeros((10, 2))
     x[:, 1] = np.cos(np.pi * (np.arange(10) + 0.5) / 10)  # pure frequency 1 in dim 1
-    syms = np.array(tok._symbols(x)) - M
+    syms = np.array(tok.symbols(x)) - M
     assert np.flatnonzero(syms).tolist() == [3]  # index = freq * D + dim = 1 * 2 + 1
 
 
@@ -873,7 +874,9 @@ def test_help_groups_every_setting_with_its_meaning(capsys):
     for group in ("run:", "method:", "data:", "training:", "evaluation:", "speed:", "tools:"):
         assert f"\n{group}" in out
     lines = {ln.split("=")[0].strip(): ln for ln in out.splitlines() if ln.startswith("  --")}
-    every = [*train_toy.SETTINGS, *(f.name for f in dataclasses.fields(kivla.Config))]
+    every = [*train_toy.SETTINGS, *(f.name for f in dataclasses.fields(kivla.Config)
+                                    if f.name not in train_toy.FIXED_BY_THE_TOY)]
+    assert "--image_size" not in lines and "--rope_theta" not in lines
     assert all(f"--{k}" in lines for k in every)
     assert all(len(lines[f"--{k}"].split(None, 1)) == 2 for k in every), "a setting without its meaning"
     assert "(transformers)" in lines["--backbone"] and "alpha in" in lines["--flow_weight"]
@@ -918,21 +921,21 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
 
 def test_vlm_pretraining_holds_its_learning_rate_after_the_warm_up_and_robot_training_decays(demo, tmp_path,
                                                                                              monkeypatch):
-    """Pretraining: linear warm-up, then pretrain_lr constant (a cosine slowed the climb off the grounding plateau);
-    robot training: warm-up, then a cosine down to lr * min_lr_frac."""
+    """Pretraining: linear warm-up, then PRETRAIN_LR constant (a cosine slows the climb off the grounding plateau);
+    robot training: warm-up, then a cosine down to lr * MIN_LR_FRAC."""
     obs, chunks, tok = demo
     s, cfg = train_toy.parse_args(TINY_RUN + [f"--out_dir={tmp_path}", "--pretrain_min_vqa=0"])
     s.update(rank=0, world=1, device="cpu")
     seen = []
-    monkeypatch.setattr(train_toy, "train", lambda model, s_, **kw: seen.append((s_, kw["steps"])) or model.eval())
+    monkeypatch.setattr(train_toy, "train", lambda model, s_, **kw: seen.append((s_, kw)) or model.eval())
     train_toy.pretrain_vlm(s, kivla.Config(**{**asdict(cfg), **TINY}), tok, None, tiny(tok).make_batch(
         train_toy.make_vqa_set(8, 0)))
-    (s_pre, steps), = seen
-    assert steps == s["pretrain_steps"]
-    lr = [train_toy.lr_at(k, {**s_pre, "total": 1000, "warmup_steps": 200}) for k in range(1000)]
-    assert lr[0] < lr[100] < lr[199] == s["pretrain_lr"] and set(lr[199:]) == {s["pretrain_lr"]}
-    robot = [train_toy.lr_at(k, {**s, "total": 1000, "warmup_steps": 200}) for k in range(1001)]
-    assert robot[199] == s["lr"] and robot[1000] == pytest.approx(s["lr"] * s["min_lr_frac"])
+    (s_pre, kw), = seen
+    assert kw["steps"] == s["pretrain_steps"] and s_pre["lr"] == train_toy.PRETRAIN_LR
+    lr = [train_toy.lr_at(k, 1000, s_pre["lr"], 200, kw["min_lr_frac"]) for k in range(1000)]
+    assert lr[0] < lr[100] < lr[199] == train_toy.PRETRAIN_LR and set(lr[199:]) == {train_toy.PRETRAIN_LR}
+    robot = [train_toy.lr_at(k, 1000, s["lr"], 200, train_toy.MIN_LR_FRAC) for k in range(1001)]
+    assert robot[199] == s["lr"] and robot[1000] == pytest.approx(s["lr"] * train_toy.MIN_LR_FRAC)
     assert all(a >= b for a, b in zip(robot[199:], robot[200:]))
 
 
@@ -1042,6 +1045,34 @@ def test_a_batch_of_robot_rows_only_and_one_of_vqa_rows_only_give_the_losses_the
     assert torch.allclose(both["ce_loss"], (rob["ce_loss"] * n_rob + vqa["ce_loss"] * n_vqa) / (n_rob + n_vqa))
 
 
+def test_the_cuda_graph_helper_runs_eagerly_then_captures_then_copies_inputs_and_replays(monkeypatch):
+    """cuda_graphed's protocol, on a CPU with stand-ins for CUDA's stream and graph: `warmup` eager calls on the
+    caller's inputs (before() first), one capture on copies of them, then replays that copy each new input into
+    the captured ones and return the captured outputs, without calling fn again."""
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    calls, befores = [], []
+    run = train_toy.cuda_graphed(lambda b, z: calls.append((b["x"], z)) or b["x"] + z, "cpu", warmup=2,
+                                 before=lambda: befores.append(len(calls)))
+    ins = [({"x": torch.full((2,), float(i))}, torch.full((2,), 10.0 * i)) for i in range(5)]
+    outs = [run(*i) for i in ins]
+    assert [o[0].item() for o in outs[:3]] == [0.0, 11.0, 22.0] and befores == [0, 1, 2]  # eager, eager, capture
+    assert calls[0][0] is ins[0][0]["x"] and calls[2][0] is not ins[2][0]["x"], "the capture runs on copies"
+    # capturing records the kernels without running them: the capture's call replays too, as every later one
+    assert len(calls) == 3 and Graph.replays == 3 and outs[4] is outs[2]  # replays: no Python call of fn
+    static_x, static_z = calls[2]
+    assert torch.equal(static_x, ins[4][0]["x"]) and torch.equal(static_z, ins[4][1]), "inputs copied in"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_every_path_runs_on_cuda(tmp_path, capsys):
     """On a GPU: the comparison (every variant, the AR `fast` one included) trains with its step captured in a CUDA
@@ -1059,13 +1090,19 @@ def test_every_path_runs_on_cuda(tmp_path, capsys):
     b8 = m.make_batch([kivla.PushEnv().reset(seed=i)[0] for i in range(8)])
     z = torch.randn(8, m.cfg.action_horizon, m.cfg.action_dim, device="cuda")
     rng = torch.cuda.get_rng_state()
-    assert torch.allclose(train_toy.graphed_sampler(m, b8, 3)(b8, z), m.sample_actions(b8, 3, z), atol=1e-4)
+    sample = train_toy.graphed_sampler(m, b8, 3)
+    for _ in range(4):  # 2 eager calls, the capture, a replay
+        assert torch.allclose(sample(b8, z), m.sample_actions(b8, 3, z), atol=1e-4)
     assert torch.equal(torch.cuda.get_rng_state(), rng), "capturing for evaluation moved training's noise"
     normed = kivla.KIVLA(m.cfg, m.fast_tokenizer, action_norm=kivla.QuantileNorm([-5, 0], [5, 2])).to("cuda").eval()
-    assert torch.allclose(train_toy.graphed_sampler(normed, b8, 3)(b8, z), normed.sample_actions(b8, 3, z), atol=1e-4)
+    sample = train_toy.graphed_sampler(normed, b8, 3)
+    for _ in range(4):
+        assert torch.allclose(sample(b8, z), normed.sample_actions(b8, 3, z), atol=1e-4)
     fast = kivla.KIVLA.from_checkpoint(tmp_path / "a" / "ckpt_fast.pt", device="cuda")
-    assert torch.allclose(train_toy.graphed_fast(fast, b8, 6)(b8)[0],
-                          fast.generate_fast_actions(b8, max_tokens=6, stop_at_eos=False)[0], atol=1e-4)
+    decode = train_toy.graphed_fast(fast, b8, 6)
+    for _ in range(4):
+        assert torch.allclose(decode(b8)[0], fast.generate_fast_actions(b8, max_tokens=6, stop_at_eos=False)[0],
+                              atol=1e-4)
     train_toy.main(["--eval_only", f"--init_from={tmp_path / 'a' / 'ckpt_fast.pt'}", "--device=cuda",
                     f"--out_dir={tmp_path}"])
     train_toy.main(cuda + ["--figures", f"--out_dir={tmp_path / 'f'}"])
