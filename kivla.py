@@ -722,6 +722,21 @@ def sample_tau(n, device):
     return torch.rand(n, device=device) ** (1 / 1.5) * 0.999 + 0.001
 
 
+def stop_gradient(kv):
+    """KNOWLEDGE INSULATION [1]: what the action expert reads of the VLM, the per-layer keys/values
+    [(k, v)], detached. The forward pass is unchanged; the flow loss just cannot push gradients into
+    the VLM (the randomly initialised expert cannot damage what the VLM knows). Exercise 1."""
+    return [(k.detach(), v.detach()) for k, v in kv]
+
+
+def flow_target(noise, actions, tau):
+    """Flow matching's training pair [5] (pi0's convention): x_tau on the straight path from the
+    actions (tau = 0) to the noise (tau = 1), and its velocity u = d x_tau / d tau, the target the
+    action expert learns. noise, actions (B, H, A); tau (B,). Exercise 2."""
+    t = tau[:, None, None]  # (B, 1, 1)
+    return t * noise + (1 - t) * actions, noise - actions
+
+
 def _eager():
     """False while torch.compile traces or a CUDA graph captures: checks that read a value back to
     Python (a host sync) run only in eager mode."""
@@ -834,18 +849,11 @@ class KIVLA(nn.Module):
         # the prefix only: the expert never sees FAST tokens
         kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]
         if cfg.stop_gradient:
-            # KNOWLEDGE INSULATION [1]: the expert reads the VLM's keys/values through a
-            # stop-gradient. The forward pass is unchanged; the flow loss just cannot push
-            # gradients into the VLM.
-            kv = [(k.detach(), v.detach()) for k, v in kv]
+            kv = stop_gradient(kv)  # KNOWLEDGE INSULATION [1]: the flow loss cannot reach the VLM
         actions = batch["actions"]  # (B, H, A)
-        # (B, H, A)
-        noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)
-        # (B,)
+        noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)  # (B,H,A)
         tau = sample_tau(len(actions), actions.device) if time is None else time.to(actions.device)
-        # tau = 1: pure noise, 0: clean
-        x_tau = tau[:, None, None] * noise + (1 - tau[:, None, None]) * actions
-        u = noise - actions  # the target velocity d x_tau / d tau
+        x_tau, u = flow_target(noise, actions, tau)  # (B, H, A) each: a point on the path, its speed
         velocity = self._expert(x_tau, tau, kv, prefix_valid)  # (B, H, A)
         # mean over the robot rows (VQA rows: no actions)
         flow = masked_mean(((velocity.float() - u) ** 2).mean((1, 2)), batch["has_actions"])

@@ -977,7 +977,7 @@ def write_gif(episodes, path):
             if t == len(ep_frames) - 1:
                 dr.text((3, img.height - 14), "SUCCESS" if success else "failed",
                         fill=(0, 140, 0) if success else (200, 0, 0))
-            frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # 4x faster than letting save() do it
+            frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # a faster quantizer than save()'s
         frames.extend([frames[-1]] * 5)  # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
 
@@ -1137,8 +1137,8 @@ def run_variant(s, cfg, tok, data, init, vqa_before, seed, tag=""):
     history = {"train": [], "eval": [], "vlm": []}
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
     fixed = interference_batch(robot, data.vqa, s["batch_size"], s["vqa_frac"], cfg)
-    # the watch's VQA and probe sets: half of the final evaluation's (1000 / 500 rows by default), so that 15
-    # watched steps cost ~4% of the default run
+    # the watch's VQA and probe sets: half of the final evaluation's (1000 / 500 rows by default), so that the
+    # 15 watched steps stay a small part of a run's time
     (tr, tr_kind, tr_y), (te, te_kind, te_y) = data.probe
     n_tr, n_te = len(tr_y) // 2, len(te_y) // 2
     probe = ((index(tr, slice(n_tr)), tr_kind[:n_tr], tr_y[:n_tr]), (index(te, slice(n_te)), te_kind[:n_te], te_y[:n_te]))
