@@ -291,7 +291,7 @@ VARIANTS = ("ki", "joint", "pi0", "fast")
 class Config:
     variant: str = "ki"         # ki: CE(FAST)+flow, stop-gradient | joint: same, no stop-gradient
                                 # pi0: flow only, no FAST tokens | fast: CE(FAST) only, AR decoding
-    flow_weight: float = 1.0    # alpha in  loss = CE + alpha * flow-MSE  (0 allowed)
+    flow_weight: float = 10.0   # alpha in  loss = CE + alpha * flow-MSE, as in pi0.5 [3] (0 allowed)
     action_horizon: int = 10    # H, actions per chunk
     action_dim: int = 2         # A
     image_size: int = 64        # S, must match the env's observation

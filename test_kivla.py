@@ -254,9 +254,9 @@ def flow_only_grads(model, batch):
 
 def ce_only_grads(model, batch):
     model.zero_grad()
-    model.cfg.flow_weight = 0.0
+    alpha, model.cfg.flow_weight = model.cfg.flow_weight, 0.0
     loss, m = model.compute_loss(batch, *fixed(batch))
-    model.cfg.flow_weight = 1.0
+    model.cfg.flow_weight = alpha
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
@@ -534,9 +534,9 @@ def hf(tok, variant="ki", seed=0, n_layer=2, n_head=4, n_kv_head=1, vision_size=
 
 def grads(model, batch, flow_weight):
     model.zero_grad()
-    model.cfg.flow_weight = flow_weight
+    alpha, model.cfg.flow_weight = model.cfg.flow_weight, flow_weight
     loss, m = model.compute_loss(batch, *fixed(batch))
-    model.cfg.flow_weight = 1.0
+    model.cfg.flow_weight = alpha
     loss.backward()
     assert m["flow_loss"] > 0
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
@@ -717,6 +717,14 @@ def test_quick_compare_with_seeds_is_deterministic_writes_every_row_and_column_a
     (tmp_path / "g" / "metrics.json").write_text(json.dumps(green))  # seed 2 again, as if held out green
     with pytest.raises(SystemExit, match="differ in .train_steps, eval_episodes, unseen_color"):
         train_toy.main([f"--merge={tmp_path / 'a'},{tmp_path / 'g'}", f"--out_dir={tmp_path / 'm'}"])
+    # the same rows and seeds at another flow weight (alpha): kept apart, each (row, alpha) a row of its own
+    ten = json.loads((tmp_path / "c" / "metrics.json").read_text().replace('"flow_weight": 10.0', '"flow_weight": 1.0'))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "metrics.json").write_text(json.dumps(ten))
+    both = train_toy.main([f"--merge={tmp_path / 'c'},{tmp_path / 'w'}", f"--out_dir={tmp_path / 'mw'}"])["compare"]
+    assert [r["runs"][0]["row"] for r in both] == ["ki alpha=1", "pi0 alpha=1", "ki alpha=10", "pi0 alpha=10"]
+    assert kivla.Config().flow_weight == 10.0  # the default: pi0.5's alpha
+    assert (tmp_path / "mw" / "interference.png").stat().st_size > 0  # every row with a flow term, shared axes
     with pytest.raises(SystemExit, match="--variants picks rows of --compare"):
         train_toy.parse_args(["--variants=ki"])
     with pytest.raises(SystemExit, match="unknown rows"):
@@ -1196,10 +1204,10 @@ def test_interference_is_exactly_zero_through_the_stop_gradient_and_scales_with_
     obs, chunks, tok = demo
     batch = tiny(tok).make_batch(obs, chunks)
     noise, time = fixed(batch)
-    ki, joint = (train_toy.interference(tiny(tok, v), batch, noise, time) for v in ("ki", "joint"))
+    ki, joint = (train_toy.interference(tiny(tok, v, flow_weight=1.0), batch, noise, time) for v in ("ki", "joint"))
     assert ki["flow_grad"] == 0.0 and ki["grad_cos"] == 0.0 and ki["ce_grad"] > 0
     assert joint["flow_grad"] > 0 and -1 <= joint["grad_cos"] <= 1 and joint["ce_grad"] == pytest.approx(ki["ce_grad"])
-    g = flow_only_grads(tiny(tok, "joint"), batch)
+    g = flow_only_grads(tiny(tok, "joint", flow_weight=1.0), batch)
     want = torch.cat([v.flatten() for n, v in g.items() if n.startswith("backbone.") and v is not None]).norm()
     assert joint["flow_grad"] == pytest.approx(want.item(), rel=1e-5)
     ten = train_toy.interference(tiny(tok, "joint", flow_weight=10.0), batch, noise, time)

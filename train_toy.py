@@ -957,10 +957,12 @@ def draw_interference(rows, path, size=(900, 560)):
                     dr.line(pts, fill=palette[i % len(palette)], width=3 if j == 0 else 1)
                 for q in pts:
                     dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=palette[i % len(palette)])
-    dr.text((8, 4), "what the flow loss sends into the VLM, and what the VLM keeps: " + ", ".join(
-        f"{name}" for name, _ in rows) + " (colours as the legend at right)", fill="black")
-    for i, (name, _) in enumerate(rows):
-        dr.text((size[0] - 110, 4 + 14 * i), name, fill=palette[i % len(palette)])
+    head = "what the flow loss sends into the VLM, and what the VLM keeps (mean over seeds):"
+    dr.text((8, 4), head, fill="black")
+    x = 8 + dr.textlength(head) + 8
+    for i, (name, _) in enumerate(rows):  # the legend: each row's name in its colour
+        dr.text((x, 4), name, fill=palette[i % len(palette)])
+        x += dr.textlength(name) + 12
     img.save(path)
 
 
@@ -1344,7 +1346,7 @@ def merge(s):
     if len({fw for _, fw in rows}) > 1:  # runs at several flow weights (alpha): each (row, alpha) a row of its own
         for (name, fw), runs in rows.items():
             for x in runs:
-                x["row"] = f"{name} α={fw:g}"
+                x["row"] = f"{name} alpha={fw:g}"
     order = [name for name, _, _ in COMPARE_ROWS]
     results = [summarize(rows[k]) for k in sorted(rows, key=lambda k: (k[1], order.index(k[0]) if k[0] in order
                                                                        else len(order), k[0]))]
