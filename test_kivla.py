@@ -861,6 +861,8 @@ def test_key_space_value_reads_as_key_equals_value():
     b, cfg_b = train_toy.parse_args(["--train_steps=10", "--quick=true", "--flow_weight=10", "--compare=true"])
     assert a == b and cfg_a == cfg_b and a["train_steps"] == 10 and cfg_a.flow_weight == 10 and a["compare"]
     assert train_toy.parse_args(["--quick", "false"])[0]["quick"] is False
+    assert train_toy.parse_args(["--quick"])[0]["out_dir"] == "out_quick", "a smoke test never overwrites out/"
+    assert train_toy.parse_args(["--quick", "--out_dir=x"])[0]["out_dir"] == "x"
 
 
 def test_a_vlm_only_checkpoint_is_refused_for_evaluation(demo, tmp_path):

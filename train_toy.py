@@ -57,7 +57,8 @@ SETTINGS = dict(
     # -- run: what this run is and where it writes
     out_dir="out",          # where checkpoints, metrics and pictures go
     seed=0,                 # seeds the demos, the VLM pretraining and the first robot-training seed
-    quick=False,            # shrink everything: the whole pipeline in about half a minute (a smoke test: success 0)
+    quick=False,            # shrink everything: the whole pipeline in about half a minute (a smoke test: success 0),
+                            # into out_quick/ unless --out_dir is given (a real run's out/ stays)
     seeds=1,                # robot-training seeds seed, seed+1, ... (one shared VLM pretraining): mean ± std
     init_from="",           # pretrained.pt (skip VLM pretraining) or ckpt.pt (with --eval_only)
     # -- method: the model (the kivla.Config settings below) and its VLM
@@ -108,7 +109,7 @@ SETTINGS = dict(
 
 PRETRAIN_LR = 1e-3  # toy VLM pretraining: constant after the warm-up (why: pretrain_vlm)
 MIN_LR_FRAC = 0.05  # robot training: the cosine decays to lr * MIN_LR_FRAC
-QUICK = dict(n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
+QUICK = dict(out_dir="out_quick", n_demos=40, n_vqa=2000, pretrain_steps=60, train_steps=80, batch_size=32, eval_interval=40,
              eval_episodes=16, gif_episodes=2, warmup_steps=10, pretrain_min_vqa=0.0)  # one pretraining block
 # --scale=gpu: one GPU's worth: 64 image tokens instead of 16, a 4x wider backbone, 4x the batch. --quick still
 # shrinks the schedule.
