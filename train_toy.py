@@ -1080,7 +1080,7 @@ def run(s, cfg):
         weights, vqa_before = pretrain_vlm(s, cfg, tok, data.vqa, data.vqa_eval)
         print(f"VLM pretraining: VQA accuracy {vqa_before:.3f} on held-out scenes "
               f"({time.time() - t_start:.0f} s so far)")
-    load_vlm_weights(vlm, weights)
+        load_vlm_weights(vlm, weights)  # (--init_from's weights are in it already)
     data.probe_before = probe_accuracy(vlm.to(s["device"]), data.probe, data.probe_iters)
     # 4) + 5) robot training and evaluation: one variant or all of them, for --seeds training seeds each
     picked = s["variants"].split(",") if s["variants"] else [name for name, _, _ in COMPARE_ROWS]
