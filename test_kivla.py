@@ -646,7 +646,7 @@ def test_hf_backbone_overfits_a_handful_of_samples(demo):
 # train_toy.py
 
 TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--train_steps=6", "--eval_episodes=2",
-            "--eval_interval=6", "--gif_episodes=1", "--batch_size=8", "--d_model=32", "--n_layer=2", "--n_head=2",
+            "--eval_interval=30", "--gif_episodes=1", "--batch_size=8", "--d_model=32", "--n_layer=2", "--n_head=2",
             "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--replan=10", "--num_steps=2",
             "--device=cpu"]  # same seed, same numbers: on one CPU
 
