@@ -335,7 +335,7 @@ class Config:
 
     # derived from `variant` only, never set twice
     @property
-    def stop_gradient(self):
+    def insulate(self):  # knowledge insulation: the expert reads the VLM through stop_gradient
         return self.variant == "ki"
 
     @property
@@ -715,11 +715,11 @@ def masked_mean(x, mask):
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
-def sample_tau(n, device):
+def sample_tau(n, device=None, generator=None):
     """Flow time tau ~ Beta(1.5, 1) on [0.001, 1], more weight on noisy times (pi0 [2]). Its CDF is
     tau^1.5, so tau = U^(1 / 1.5) for U uniform: one kernel, no sampler object inside the training
     step. -> (n,)"""
-    return torch.rand(n, device=device) ** (1 / 1.5) * 0.999 + 0.001
+    return torch.rand(n, device=device, generator=generator) ** (1 / 1.5) * 0.999 + 0.001
 
 
 def stop_gradient(kv):
@@ -848,7 +848,7 @@ class KIVLA(nn.Module):
         Tp = prefix_valid.shape[1]
         # the prefix only: the expert never sees FAST tokens
         kv = [(k[:, :, :Tp], v[:, :, :Tp]) for k, v in kv]
-        if cfg.stop_gradient:
+        if cfg.insulate:
             kv = stop_gradient(kv)  # KNOWLEDGE INSULATION [1]: the flow loss cannot reach the VLM
         actions = batch["actions"]  # (B, H, A)
         noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)  # (B,H,A)
@@ -869,10 +869,16 @@ class KIVLA(nn.Module):
         """What the action expert reads: per-layer [(k, v)] over the prefix, each
         (B, n_kv_head, Tp, head_dim) with RoPE applied at positions 0..Tp-1, and prefix_valid
         (B, Tp)."""
-        x, valid = self.backbone.embed_prefix(batch)
-        _, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device),
-                              prefix_lm_mask(valid, 0))
+        _, kv, valid = self.encode_prefix(batch)
         return kv, valid
+
+    def encode_prefix(self, batch):
+        """The backbone over the prefix alone -> hidden states (B, Tp, D), per-layer [(k, v)],
+        prefix_valid (B, Tp)."""
+        x, valid = self.backbone.embed_prefix(batch)
+        h, kv = self.backbone(x, torch.arange(x.shape[1], device=x.device),
+                              prefix_lm_mask(valid, 0))
+        return h, kv, valid
 
     def forward_vlm(self, batch):
         """The backbone over [prefix | suffix] (training and VQA scoring). -> suffix hidden states
@@ -1404,9 +1410,15 @@ def scripted_action(env, noise=0.0, rng=None):
     n = np.linalg.norm(v)
     v = v / n if n > 1.0 else v
     if noise > 0:
-        rng = rng if rng is not None else np.random.default_rng()
-        v = v + noise * rng.standard_normal(2)
+        return dart(v, noise, rng if rng is not None else np.random.default_rng()).astype(np.float32)
     return np.clip(v, -1.0, 1.0).astype(np.float32)
+
+
+def dart(action, noise, rng):
+    """DART (Laskey et al. 2017): the action plus Gaussian noise of std `noise`, clipped to [-1, 1].
+    Demos execute the noisy action and record the clean one, so they visit the states a learned
+    policy's errors lead to and show how to recover from them."""
+    return np.clip(action + noise * rng.standard_normal(2), -1.0, 1.0)
 
 
 expert_action = scripted_action  # an alias: external checks and course material use this name

@@ -279,7 +279,7 @@ def collect_demos(n, H, noise, seed, tasks="train"):
             a = kivla.scripted_action(env)
             episode.append(obs)
             acts.append(a)
-            obs, _, term, trunc, info = env.step(np.clip(a + noise * rng.standard_normal(2), -1, 1))  # DART
+            obs, _, term, trunc, info = env.step(kivla.dart(a, noise, rng))  # DART: execute a noisy action
             if term or trunc:
                 break
         success += info["success"]
@@ -677,8 +677,7 @@ def prefix_features(model, batch, bs=500):
     out = []
     for i in range(0, len(batch["text"]), bs):
         b = {k: v.to(model.device) for k, v in index(batch, slice(i, i + bs)).items()}
-        x, valid = model.backbone.embed_prefix(b)
-        h, _ = model.backbone(x, torch.arange(x.shape[1], device=x.device), kivla.prefix_lm_mask(valid, 0))
+        h, _, valid = model.encode_prefix(b)
         m = valid.unsqueeze(-1).to(h.dtype)
         out.append(((h * m).sum(1) / m.sum(1)).float().cpu())
     return torch.cat(out)
@@ -721,7 +720,7 @@ def interference_batch(robot, vqa, n, vqa_frac, cfg, seed=INTERFERENCE_SEED):
     pick = lambda d, k: index(d, torch.randint(len(d["text"]), (k,), generator=g))  # noqa: E731
     batch = cat(*([pick(robot, n - n_vqa)] if n > n_vqa else []), *([pick(vqa, n_vqa)] if n_vqa else []))
     noise = torch.randn(n, cfg.action_horizon, cfg.action_dim, generator=g)
-    time = torch.rand(n, generator=g) ** (1 / 1.5) * 0.999 + 0.001  # tau ~ Beta(1.5, 1), as in training
+    time = kivla.sample_tau(n, generator=g)  # as in training
     return batch, noise, time
 
 
@@ -1557,7 +1556,7 @@ def draw_attention(model, obs, chunk, path, cell=9):
     img = Image.new("RGB", (L + T * cell + 250, top + T * cell + 10), "white")
     dr = ImageDraw.Draw(img)
     colors = {"vlm": (70, 110, 200), "sg": (240, 140, 30), "grad": (160, 60, 160), "exp": (40, 160, 80)}
-    reads = "sg" if model.cfg.stop_gradient else "grad"
+    reads = "sg" if model.cfg.insulate else "grad"
     for q in range(T):
         for k in range(T):
             if q < Tp + Ts:  # backbone query: never sees the expert's tokens
