@@ -1,51 +1,48 @@
 """
-kivla: a Knowledge-Insulated Vision-Language-Action model, the whole thing in one file.
+kivla: a Knowledge-Insulated Vision-Language-Action model (Driess et al. 2025 [1]) in one file.
 
 A VLM backbone (a small ViT + a decoder-only transformer) learns robot actions as discrete FAST
-tokens with next-token cross-entropy; beside it a smaller "action expert" transformer learns
-continuous action chunks with flow matching. The expert reads the backbone's per-layer keys/values
-through a stop-gradient, so its randomly initialised weights never push gradients into the backbone
-("knowledge insulation"). At inference the prefix is encoded once and the expert integrates 10
-Euler steps: no token decoding.
-
-References
-  [1] Driess et al. 2025, "Knowledge Insulating Vision-Language-Action Models: Train Fast, Run Fast,
-      Generalize Better", arXiv 2505.23705 (the method implemented here, "KI").
-  [2] Black et al. 2024, "pi0: A Vision-Language-Action Flow Model", arXiv 2410.24164
-      (action expert).
-  [3] Physical Intelligence 2025, "pi0.5", arXiv 2504.16054 (discrete state tokens,
-      adaRMSNorm on time).
-  [4] Pertsch et al. 2025, "FAST: Efficient Action Tokenization", arXiv 2501.09747 (DCT + BPE).
-  [5] Lipman et al. 2023, "Flow Matching for Generative Modeling" (the flow loss).
-  [6] Xiao et al. 2021, "Early Convolutions Help Transformers See Better" (the ViT's conv stem).
-  [7] Perez et al. 2018, "FiLM: Visual Reasoning with a General Conditioning Layer" (ToyStem).
-  [8] Liu et al. 2018, "An Intriguing Failing of Convolutional Neural Networks and the CoordConv
-      Solution" (ToyStem).
-  [9] QK-norm: Henry et al. 2020, "Query-Key Normalization for Transformers"; Gemma Team 2025,
-      "Gemma 3 Technical Report", arXiv 2503.19786.
-
-Notation
-  B batch, S image side (pixels), Ti image tokens, Tt text tokens, Tp prefix tokens
-  (= Ti + Tt + state_dim), Ts suffix tokens (FAST or VQA-answer tokens), H action horizon,
-  A action dim, D model width, nh heads, hs head size, L layers, tau flow time (1 = pure noise,
-  0 = clean actions).
-
-Token layout (one row of a batch)
+tokens [4] with next-token cross-entropy; beside it a smaller action expert learns continuous
+action chunks with flow matching [5]. The expert reads the backbone's per-layer keys/values through
+a stop-gradient, so its randomly initialised weights never push gradients into the backbone: the
+knowledge insulation. At inference the prefix is encoded once and the expert integrates 10 Euler
+steps: no token-by-token decoding.
 
       prefix: bidirectional                     suffix: causal
   [ image (Ti) | instruction (Tt) | state (2) ][ "Action:" fast_tokens ... "|" ]   <- backbone (VLM)
         ^ every backbone layer l exposes its keys/values K_l, V_l over the prefix
-        |
         |  stop_gradient(K_l, V_l)   <- knowledge insulation: the flow loss cannot reach the VLM
-        |
   [ noisy action chunk x_tau (H) ]                                                 <- action_expert
     attends to [prefix of the backbone] + [itself, bidirectional]; never to the suffix.
 
-The VLM is swappable: `Backbone` (the toy) and `HFBackbone` (a HuggingFace PaliGemma, section 8,
-optional `transformers`) implement one small interface, and nothing else looks inside either.
-`QuantileNorm` is here for real robot data outside [-1, 1]; the toy's velocity actions need none.
-Deliberately not here: multiple cameras, real-robot I/O. (Distributed training: train_toy.py,
-torchrun.)
+The file, top down (Python resolves names when a function runs, so the method comes first):
+  1. Config                 one dataclass, stored in every checkpoint
+  2. The KI method          stop_gradient, flow_target, sample_tau: what the loss calls
+  3. KIVLA                  compute_loss (the KI loss), sample_actions (flow, prefix once),
+                            generate_fast_actions (AR FAST), make_batch, checkpoints
+  4. Backbone               the toy VLM (PaliGemma analog), prefix_lm_mask, expert_mask
+  5. ViT                    the image encoder with its toy conv stem
+  6. ActionExpert           the narrower transformer over the noisy action chunk
+  7. Transformer pieces     Block (attention + GeGLU), AdaRMS, RMSNorm, RoPE
+  8. FAST                   FASTTokenizer (DCT -> scale & round -> low frequency first -> BPE)
+  9. The toy world          PushEnv (kivla/Push-v0), scripted_action, make_vqa, Vocab
+ 10. HFBackbone             a HuggingFace PaliGemma behind the same interface (optional)
+Exercises (docs/course.md) are the bodies between "### BEGIN SOLUTION" and "### END SOLUTION".
+
+Notation: B batch, S image side, Ti image tokens, Tt text tokens, Tp prefix tokens (Ti + Tt +
+state_dim), Ts suffix tokens, H action horizon, A action dim, D width, nh heads, nkv key/value
+heads, hs head size, tau flow time (1 = pure noise, 0 = clean actions).
+
+References
+  [1] Driess et al. 2025, Knowledge Insulating Vision-Language-Action Models, arXiv 2505.23705.
+  [2] Black et al. 2024, pi0: A Vision-Language-Action Flow Model, arXiv 2410.24164.
+  [3] Physical Intelligence 2025, pi0.5, arXiv 2504.16054 (state tokens, adaRMSNorm on time).
+  [4] Pertsch et al. 2025, FAST: Efficient Action Tokenization, arXiv 2501.09747.
+  [5] Lipman et al. 2023, Flow Matching for Generative Modeling.
+  [6] Xiao et al. 2021, Early Convolutions Help Transformers See Better (the conv stem).
+  [7] Perez et al. 2018, FiLM: Visual Reasoning with a General Conditioning Layer.
+  [8] Liu et al. 2018, An Intriguing Failing of CNNs and the CoordConv Solution.
+  [9] QK-norm: Henry et al. 2020; Gemma Team 2025, Gemma 3 Technical Report, arXiv 2503.19786.
 """
 
 import inspect
@@ -61,228 +58,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-# ------------------------------------------------------------------------------------------------
-# 1. FAST action tokenizer [4]: chunk -> DCT per dimension -> scale & round -> low-freq-first -> BPE
-# ------------------------------------------------------------------------------------------------
-
-
-def dct_matrix(n):
-    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x, x = C.T @ coef
-    (scipy norm="ortho")."""
-    k = np.arange(n)[:, None]
-    t = np.arange(n)[None, :]
-    c = np.sqrt(2.0 / n) * np.cos(np.pi * (t + 0.5) * k / n)
-    c[0] /= np.sqrt(2.0)  # row 0 (the mean) gets sqrt(1/n) so every row has unit norm
-    return c
-
-
-def _merge_pair(seq, pair, new_id):
-    """Replace non-overlapping occurrences of `pair` in a list of ints, left to right (minbpe)."""
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return out
-
-
-class FASTTokenizer:
-    """Frequency-space Action Sequence Tokenizer [4], from scratch in numpy.
-
-    Actions are expected in about [-1, 1] (the toy's velocity actions are); anything outside is
-    clipped before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H),
-    so the base alphabet [-M, M] with M = round(scale * sqrt(H)) holds every coefficient of every
-    in-range chunk: nothing in range is ever clamped, even coefficients never seen in `fit`.
-    Ids: [0, 2M] are base symbols (coefficient q -> q + M), then one id per learned BPE merge.
-    """
-
-    def __init__(self, scale=10.0, vocab_size=512):
-        self.scale, self.vocab_size = float(scale), int(vocab_size)
-        self.H = self.D = None
-        self.merges = []  # list of (a, b): merge i creates id n_base + i
-
-    # -- the deterministic front end: chunk <-> integer symbols ------------------------------
-    def _setup(self, H, D):
-        self.H, self.D = int(H), int(D)
-        self.M = int(round(self.scale * math.sqrt(self.H)))
-        self.n_base = 2 * self.M + 1
-        assert self.n_base <= self.vocab_size, (
-            f"vocab_size={self.vocab_size} is smaller than the {self.n_base} base symbols "
-            f"needed for scale={self.scale}, H={self.H}; raise vocab_size or lower scale")
-        self.C = dct_matrix(self.H)  # (H, H)
-
-    def symbols(self, chunk):
-        """chunk (H, D) -> FAST's base symbols before BPE: DCT per dimension, scaled and rounded,
-        low frequency first (frequency 0 of every dimension, then 1, ...), shifted to ids >= 0."""
-        x = np.clip(np.asarray(chunk, dtype=np.float64), -1.0, 1.0)  # (H, D), documented clip
-        coef = self.C @ x  # (H, D) DCT-II along time, per action dimension
-        q = np.rint(coef * self.scale).astype(np.int64)  # (H, D) integers in [-M, M]
-        return (q.reshape(-1) + self.M).tolist()  # row-major = all dims' freq 0, then freq 1, ...
-
-    def _check_chunk(self, chunk):
-        assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
-        chunk = np.asarray(chunk)
-        if chunk.shape != (self.H, self.D):
-            raise ValueError(f"FASTTokenizer: expected a chunk of shape ({self.H}, {self.D}), "
-                             f"got {chunk.shape}")
-        if not np.all(np.isfinite(chunk)):
-            raise ValueError("FASTTokenizer: chunk contains NaN or inf")
-        return chunk
-
-    # -- BPE over the symbol sequences -------------------------------------------------------
-    def fit(self, chunks):
-        """Learn BPE merges on (N, H, D) chunks. Pair counting is vectorised over the whole corpus
-        (all sequences concatenated with -1 separators; one bincount per merge): the Python loop
-        runs over merges, not over chunks."""
-        chunks = np.asarray(chunks, dtype=np.float64)
-        if chunks.ndim != 3 or len(chunks) == 0:
-            raise ValueError("FASTTokenizer.fit: expected chunks of shape (N, H, D), "
-                             f"got {chunks.shape}")
-        self._setup(chunks.shape[1], chunks.shape[2])
-        x = np.clip(chunks, -1.0, 1.0)
-        # (N, H, D): every chunk's symbols at once
-        q = np.rint(np.einsum("th,nhd->ntd", self.C, x) * self.scale).astype(np.int64) + self.M
-        seqs = np.concatenate([q.reshape(len(q), -1), -np.ones((len(q), 1), np.int64)], axis=1)
-        arr = seqs.reshape(-1)  # one long int array, -1 separates chunks
-        self.merges = []
-        for new_id in range(self.n_base, self.vocab_size):
-            a, b = arr[:-1], arr[1:]
-            ok = (a >= 0) & (b >= 0)
-            keys = a[ok] * self.vocab_size + b[ok]
-            if len(keys) == 0:
-                break
-            # pair key -> count (keys < vocab_size^2: a small table, no sort)
-            counts = np.bincount(keys)
-            best = int(np.argmax(counts))  # ties -> smallest pair key: deterministic
-            if counts[best] < 2:
-                break  # a merge seen once compresses nothing that generalises
-            pa, pb = divmod(best, self.vocab_size)
-            arr = self._merge_array(arr, pa, pb, new_id)
-            self.merges.append((pa, pb))
-        self._build_tables()
-        return self
-
-    @staticmethod
-    def _merge_array(arr, pa, pb, new_id):
-        hit = np.flatnonzero((arr[:-1] == pa) & (arr[1:] == pb))
-        if len(hit) == 0:
-            return arr
-        if pa == pb and len(hit) > 1:  # subtle: in a run "aaa" only the first pair merges
-            keep, last = [], -2
-            for i in hit.tolist():
-                if i != last + 1:
-                    keep.append(i)
-                    last = i
-                else:
-                    last = -2
-            hit = np.array(keep, dtype=np.int64)
-        arr = arr.copy()
-        arr[hit] = new_id
-        return np.delete(arr, hit + 1)
-
-    def _build_tables(self):
-        self.ranks = {tuple(p): self.n_base + i for i, p in enumerate(self.merges)}
-        self.expand = [[i] for i in range(self.n_base)]  # id -> base symbols
-        for a, b in self.merges:
-            self.expand.append(self.expand[a] + self.expand[b])
-
-    def encode(self, chunk):
-        """(H, D) float chunk -> list of ids in [0, vocab_size).
-        Applies merges lowest rank first."""
-        seq = self.symbols(self._check_chunk(chunk))
-        while len(seq) > 1:
-            pairs = set(zip(seq[:-1], seq[1:]))
-            pair = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            seq = _merge_pair(seq, pair, self.ranks[pair])
-        return seq
-
-    def encode_batch(self, chunks):
-        """[encode(c) for c in chunks], faster on a training set: each merge is applied to all
-        chunks at once (numpy, as in fit), instead of a Python loop over every chunk's pairs. Merge
-        after merge in rank order is what encode's lowest-rank-first loop does too: a merge only
-        ever creates pairs of higher rank."""
-        seqs = [self.symbols(self._check_chunk(c)) + [-1] for c in chunks]
-        # one long int array, -1 separates chunks
-        arr = np.array([s for q in seqs for s in q], np.int64)
-        for i, (pa, pb) in enumerate(self.merges):
-            arr = self._merge_array(arr, pa, pb, self.n_base + i)
-        # one list per chunk, each without its -1
-        return [x[:-1].tolist() for x in np.split(arr, np.flatnonzero(arr < 0) + 1)[:-1]]
-
-    def decode(self, ids, return_valid=False):
-        """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything.
-        Unknown ids are dropped, missing coefficients are 0, extra ones are cut.
-        valid = nothing had to be fixed."""
-        assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
-        syms, valid = [], True
-        for i in ids:
-            try:
-                i = int(i)
-            except (TypeError, ValueError, OverflowError):
-                valid = False
-                continue
-            if 0 <= i < len(self.expand):
-                syms.extend(self.expand[i])
-            else:
-                valid = False
-        n = self.H * self.D
-        if len(syms) != n:
-            valid = False
-            syms = (syms + [self.M] * n)[:n]  # symbol M is coefficient 0
-        coef = (np.array(syms, dtype=np.float64) - self.M).reshape(self.H, self.D) / self.scale
-        chunk = (self.C.T @ coef).astype(np.float32)  # (H, D) inverse DCT
-        return (chunk, valid) if return_valid else chunk
-
-    def state_dict(self):
-        return {"scale": self.scale, "vocab_size": self.vocab_size, "H": self.H, "D": self.D,
-                "merges": [list(p) for p in self.merges]}
-
-    @classmethod
-    def from_state_dict(cls, d):
-        tok = cls(scale=d["scale"], vocab_size=d["vocab_size"])
-        tok._setup(d["H"], d["D"])
-        tok.merges = [tuple(int(v) for v in p) for p in d["merges"]]
-        tok._build_tables()
-        return tok
-
-
-class QuantileNorm:
-    """Invertible per-dimension normalisation (openpi, FAST [4]): the 1st..99th percentile of the
-    training data maps to [-1, 1]. Real robot actions and states are not in [-1, 1] (the toy's
-    are, so the toy runs without one). Nothing is clipped here, so `inverse` undoes it exactly;
-    FAST clips what falls outside. A constant dimension is only shifted."""
-
-    def __init__(self, lo, hi):
-        self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)  # (D,) each
-        self.scale = np.where(self.hi - self.lo > 1e-8, (self.hi - self.lo) / 2, 1.0)
-
-    @classmethod
-    def fit(cls, x, q=0.01):
-        # (N, D): every time step of every chunk
-        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
-        if not np.all(np.isfinite(x)):
-            raise ValueError("QuantileNorm.fit: data contains NaN or inf")
-        return cls(np.quantile(x, q, axis=0), np.quantile(x, 1 - q, axis=0))
-
-    def __call__(self, x):
-        return ((np.asarray(x, np.float64) - (self.lo + self.hi) / 2)
-                / self.scale).astype(np.float32)
-
-    def inverse(self, y):
-        return (np.asarray(y, np.float64) * self.scale + (self.lo + self.hi) / 2).astype(np.float32)
-
-    def state_dict(self):
-        return {"lo": self.lo.tolist(), "hi": self.hi.tolist()}
-
 
 # ------------------------------------------------------------------------------------------------
-# 2. Config: one dataclass, stored in every checkpoint
+# 1. Config: one dataclass, stored in every checkpoint
 # ------------------------------------------------------------------------------------------------
+
 
 VARIANTS = ("ki", "joint", "pi0", "fast")
 
@@ -361,353 +141,9 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Transformer pieces shared by the ViT, the backbone and the action expert
+# 2. The KI method: the stop-gradient and the flow pair the loss is made of
 # ------------------------------------------------------------------------------------------------
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return rms_norm(x, self.weight)
-
-
-def rms_norm(x, weight):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-
-
-def rope_angles(pos, head_dim, theta=10000.0):
-    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin,
-    each (T, hs). Computed once per forward pass and shared by every layer. Same frequencies as HF
-    Gemma's rotary embedding. sin carries the rotation's sign ([-sin | sin]), so that rope() is two
-    multiplies and an add."""
-    half = head_dim // 2
-    freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
-    ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
-    cos, sin = ang.cos(), ang.sin()
-    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # (T, hs) each
-
-
-def rope(x, cos, sin):
-    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i,
-    i.e. [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
-    half = x.shape[-1] // 2
-    return x * cos.to(x.dtype) + torch.cat([x[..., half:], x[..., :half]], -1) * sin.to(x.dtype)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: attention + gated MLP. Used three ways:
-    ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
-    (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
-
-    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0, qk_norm=False):
-        super().__init__()
-        self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
-        assert n_head % self.n_kv_head == 0, (
-            f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
-        # [q | k | v] rows
-        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)
-        self.proj = nn.Linear(n_head * head_dim, width, bias=False)
-        self.fc_gate = nn.Linear(width, 4 * width, bias=False)
-        self.fc_up = nn.Linear(width, 4 * width, bias=False)
-        self.fc_down = nn.Linear(4 * width, width, bias=False)
-        # the action expert's: conditioned on tau
-        self.ada = AdaRMS(cond_dim, width) if cond_dim else None
-        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at
-        # about unit size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's
-        # attention can stay uniform for its whole pretraining: no image question rises above
-        # chance (the grounding plateau).
-        self.q_norm, self.k_norm = ((RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm
-                                    else (None, None))
-
-    def norm_and_rotate(self, qk, rot=None):
-        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once.
-        One op for both instead of one each: a step of the toy is thousands of small ops, so each
-        op saved makes the step faster."""
-        if self.q_norm is not None:
-            nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs),
-                                         self.k_norm.weight.expand(nkv, 1, hs)]))
-        return qk if rot is None else rope(qk, *rot)
-
-    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
-        """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
-        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
-        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the
-        expert, decoding).
-        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for
-        the action expert, the backbone's prefix keys/values of the same layer (the mixture of
-        transformers).
-        cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
-        B, T, _ = x.shape
-        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        # adaRMSNorm: the expert only
-        ada1, ada2 = self.ada(cond) if cond is not None else (None, None)
-        # 1) attention
-        h = modulate(self.norm1(x), ada1)
-        # (B, heads, T, hs)
-        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)
-        q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
-        keys, values = k, v
-        # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
-        if past_kv is not None:
-            # (B, nkv, Tpast + T, hs)
-            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
-        # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
-        # (B, nh, T, hs)
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)
-        a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
-        x = x + gate(a, ada1)
-        # 2) gated MLP (GeGLU, as in Gemma)
-        h = modulate(self.norm2(x), ada2)
-        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W)
-        x = x + gate(m, ada2)
-        return x, (k, v)
-
-
-class AdaRMS(nn.Linear):
-    """pi0.5's adaRMSNorm [3]: the condition (the action expert's flow time) predicts, for each of
-    a block's two sub-blocks, a scale and a shift of its RMSNorm's output and a gate on its residual
-    branch. All three enter as (1 + scale), shift, (1 + gate): zero is a plain pre-norm block.
-    cond (B, C) -> two (scale, shift, gate)."""
-
-    def __init__(self, cond_dim, width):
-        super().__init__(cond_dim, 6 * width)
-
-    def forward(self, cond):
-        s1, b1, g1, s2, b2, g2 = super().forward(cond)[:, None].chunk(6, dim=-1)  # (B, 1, W) each
-        return (s1, b1, g1), (s2, b2, g2)
-
-
-def modulate(h, ada):
-    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate));
-    unchanged without."""
-    return h if ada is None else h * (1 + ada[0]) + ada[1]
-
-
-def gate(branch, ada):
-    """A residual branch's output, gated by adaRMSNorm; unchanged without."""
-    return branch if ada is None else (1 + ada[2]) * branch
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. ViT image encoder (SigLIP analog): a conv stem -> patch tokens -> transformer -> backbone width
-# ------------------------------------------------------------------------------------------------
-
-
-class ToyStem(nn.Module):
-    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale
-    deviations"), both switchable. A real VLA's SigLIP arrives pre-trained; this one learns from
-    scratch in a few thousand steps, so:
-      - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
-        translation-equivariant, but every answer and action here needs absolute position
-        ("the top left corner").
-      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels
-        (early fusion). Without it the ViT learns far more slowly which blob a colour word such
-        as "red" names.
-    image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
-
-    def __init__(self, cfg, n_words):
-        super().__init__()
-        w, self.coord = cfg.vit_width, cfg.coord_stem
-        c_in = 5 if cfg.coord_stem else 3
-        # "conv": 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
-        if cfg.vit_stem == "conv":
-            n = int(math.log2(cfg.patch_size))
-            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
-            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1)
-                                       for a, b in zip(chans[:-1], chans[1:]))
-        else:  # one patchify conv, as SigLIP
-            chans = [c_in, w]
-            self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
-        self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
-        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it
-        # alone: a strong random FiLM from the start (std 0.3) lets colour words change the image
-        # tokens at once
-        # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
-        self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
-            if cfg.film_stem and self.hidden else None
-
-    def forward(self, image, text, text_valid):
-        x = image.float() / 127.5 - 1.0  # (B, S, S, 3) in [-1, 1]
-        if self.coord:
-            B, S = x.shape[:2]
-            c = torch.linspace(-1, 1, S, device=x.device)
-            # (S, S, 2): x left to right, y top to bottom
-            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)
-            x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
-        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's
-        # conv kernels (oneDNN) run fastest on: the stem's convolutions are the largest single
-        # cost of a CPU training step
-        x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
-        if self.film is not None:
-            # (B, Tt, 1): the mean of the real words' FiLM vectors
-            m = text_valid.unsqueeze(-1).float()
-            film = ((F.embedding(text, self.film) * m).sum(1)
-                    / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
-        for i, conv in enumerate(self.convs):
-            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
-            if i < len(self.convs) - 1:
-                if self.film is not None:
-                    g, b = film[i][:, :, None, None].chunk(2, dim=1)  # (B, C_i, 1, 1) each
-                    x = x * (1 + g) + b
-                x = F.gelu(x)
-        return x
-
-
-class ViT(nn.Module):
-    def __init__(self, cfg, n_words):
-        super().__init__()
-        w = cfg.vit_width
-        self.stem = ToyStem(cfg, n_words)
-        # learned 2-D positions, flattened
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))
-        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm)
-                                    for _ in range(cfg.vit_layers))
-        self.norm = RMSNorm(w)
-        self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
-
-    def forward(self, image, text, text_valid):
-        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them)
-        -> image tokens (B, Ti, D)."""
-        # (B, Ti, W)
-        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb
-        for blk in self.blocks:
-            x, _ = blk(x)
-        return self.proj(self.norm(x))  # (B, Ti, D)
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Backbone (Gemma analog): decoder-only transformer over [prefix | suffix], prefix-LM mask
-# ------------------------------------------------------------------------------------------------
-
-
-def prefix_lm_mask(prefix_valid, n_suffix):
-    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix
-    causal, the prefix never sees the suffix; padded text keys are hidden.
-    e.g. 3 prefix + 2 suffix tokens (rows = queries):
-    1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1"""
-    B, Tp = prefix_valid.shape
-    i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
-    allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
-    key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_suffix)], 1)  # (B, T)
-    return (allowed[None] & key_valid[:, None, :]).unsqueeze(1)
-
-
-def expert_mask(prefix_valid, H):
-    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H
-    action keys (bidirectional among themselves). The suffix (FAST tokens) is not even among its
-    keys."""
-    return torch.cat([prefix_valid,
-                      prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
-
-
-class Backbone(nn.Module):
-    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over
-    [prefix | suffix].
-
-    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 8)
-    implements the same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks
-    inside either:
-      embed_prefix(batch) -> [image | text | state] embeddings (B, Tp, D), prefix_valid (B, Tp)
-      embed(ids)          -> token embeddings (B, T, D) (suffix tokens)
-      forward(x, pos, mask, cache=None)
-                          -> hidden (B, T, D), per-layer [(k, v)] (HF: past_key_values)
-      lm_head(hidden)     -> logits (B, T, V)
-      n_layer, n_head, n_kv_head, head_dim, rope_theta: the shapes the action expert must match
-    """
-
-    def __init__(self, cfg, vocab):
-        super().__init__()
-        self.n_layer, self.n_head, self.n_kv_head = (cfg.n_layer, cfg.n_head,
-                                                     cfg.n_kv_head or cfg.n_head)
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
-        self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
-        self.embed = nn.Embedding(vocab.size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim,
-                                          n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
-                                    for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied, as in Gemma
-
-    def embed_prefix(self, batch):
-        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
-        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
-        x = torch.cat([img, self.embed(batch["text"]), self.embed(batch["state"])], 1)
-        return x, prefix_valid(batch, img.shape[1])
-
-    def forward(self, x, pos, mask, cache=None):
-        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits =
-        self.lm_head(hidden), computed by the caller only where needed: the vocabulary projection
-        is the costliest matmul), per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs)
-        with RoPE applied (HF: past_key_values)."""
-        kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
-        for i, blk in enumerate(self.blocks):
-            x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
-            if cache is not None:
-                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-            kv.append((k, v))
-        return self.norm(x), kv
-
-
-def prefix_valid(batch, n_image_tokens):
-    """(B, Tp) bool: every image and state token is real, text padding is not."""
-    img = batch["text_valid"].new_ones(len(batch["text_valid"]), n_image_tokens)
-    return torch.cat([img, batch["text_valid"],
-                      torch.ones_like(batch["state"], dtype=torch.bool)], 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. Action expert: a narrower transformer over the noisy action chunk, conditioned on tau
-# ------------------------------------------------------------------------------------------------
-
-
-class ActionExpert(nn.Module):
-    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's
-    keys), its own, narrower weights: pi0's mixture of transformers. Flow time enters through
-    adaRMSNorm (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not
-    just the input."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        w = cfg.expert_width
-        self.in_proj = nn.Linear(cfg.action_dim, w)
-        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w,
-                                          n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
-                                    for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(w)
-        self.out_proj = nn.Linear(w, cfg.action_dim)
-        self.rope_theta = cfg.rope_theta
-
-    def time_embedding(self, tau):
-        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4
-        (as in openpi)."""
-        half = self.in_proj.out_features // 2
-        period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
-        ang = 2 * math.pi * tau[:, None].float() / period[None]
-        return torch.cat([ang.sin(), ang.cos()], -1)
-
-    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
-        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs),
-        prefix_valid (B, Tp), pos (H,) -> predicted velocity (B, H, A)."""
-        B, H, _ = x_tau.shape
-        x = self.in_proj(x_tau)  # (B, H, W)
-        cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
-        mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
-        rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
-        for blk, kv in zip(self.blocks, prefix_kv):
-            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)  # layer l reads the backbone's layer l
-        return self.out_proj(self.norm(x))  # (B, H, A)
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. KIVLA: the KI loss, flow sampling with a KV cache, the AR FAST baseline, batches
-# ------------------------------------------------------------------------------------------------
 
 def masked_mean(x, mask):
     """Mean of x over the places where mask is True (0 if none): x and mask of one shape."""
@@ -725,16 +161,22 @@ def sample_tau(n, device=None, generator=None):
 def stop_gradient(kv):
     """KNOWLEDGE INSULATION [1]: what the action expert reads of the VLM, the per-layer keys/values
     [(k, v)], detached. The forward pass is unchanged; the flow loss just cannot push gradients into
-    the VLM (the randomly initialised expert cannot damage what the VLM knows). Exercise 1."""
+    the VLM (the randomly initialised expert cannot damage what the VLM knows).
+    Exercise 1: kv [(k, v)] per layer, each (B, nkv, Tp, hs) -> the same list, values unchanged."""
+    ### BEGIN SOLUTION: exercise 1, the stop-gradient
     return [(k.detach(), v.detach()) for k, v in kv]
+    ### END SOLUTION
 
 
 def flow_target(noise, actions, tau):
     """Flow matching's training pair [5] (pi0's convention): x_tau on the straight path from the
     actions (tau = 0) to the noise (tau = 1), and its velocity u = d x_tau / d tau, the target the
-    action expert learns. noise, actions (B, H, A); tau (B,). Exercise 2."""
+    action expert learns. Exercise 2: noise, actions (B, H, A); tau (B,) -> x_tau, u, (B, H, A)
+    each. e.g. noise 1, actions 3, tau 0.25 -> x_tau 2.5 (a quarter of the way to the noise), u -2."""
+    ### BEGIN SOLUTION: exercise 2, the flow pair
     t = tau[:, None, None]  # (B, 1, 1)
     return t * noise + (1 - t) * actions, noise - actions
+    ### END SOLUTION
 
 
 def _eager():
@@ -756,6 +198,11 @@ BATCH_KEYS = """
   actions       float (B, H, A)      clean action chunk (zeros on VQA rows)
   has_actions   bool  (B,)           robot rows (get the flow loss) vs VQA rows
 """
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. KIVLA: the KI loss, flow sampling with the prefix encoded once, AR FAST, batches
+# ------------------------------------------------------------------------------------------------
 
 
 class KIVLA(nn.Module):
@@ -823,19 +270,26 @@ class KIVLA(nn.Module):
         log: reading one waits for the device, so the training loop does it every few steps, not
         every step)."""
         ce, flow = self.loss_terms(batch, noise, time)
-        # fast: no flow term at all
+        ### BEGIN SOLUTION: exercise 4, the KI loss (fast: no flow term at all)
         loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce
+        ### END SOLUTION
         return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
 
     def loss_terms(self, batch, noise=None, time=None):
-        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow (0 without an action
-        expert). Speed: every shape is the batch's, whatever its mix of robot and VQA rows (masks,
-        not boolean indexing), so a training step runs as one graph (CUDA graphs, torch.compile)
-        with no host syncs."""
+        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow. Exercise 4:
+          ce: the backbone's next-token cross-entropy (logits = lm_head(h)) on suffix_target,
+            averaged over the targets where suffix_loss is True (FAST tokens, VQA answers).
+          flow (0 if not cfg.use_flow): the action expert's squared velocity error against u at
+            (x_tau, tau), averaged over H and A, then over the robot rows (has_actions). The
+            expert reads the prefix part of kv only, through stop_gradient when cfg.insulate;
+            noise and time are the given ones, else drawn (randn_like, sample_tau).
+        Speed: every shape is the batch's, whatever its mix of robot and VQA rows (masks, not
+        boolean indexing), so a training step runs as one graph with no host syncs."""
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
         self._check_batch(batch)
         # 1) one backbone pass over [prefix | suffix]; the expert reads the prefix part of its KV
         h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
+        ### BEGIN SOLUTION: exercise 4, the KI loss terms
         # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone
         #    learns actions
         logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
@@ -858,6 +312,7 @@ class KIVLA(nn.Module):
         # mean over the robot rows (VQA rows: no actions)
         flow = masked_mean(((velocity.float() - u) ** 2).mean((1, 2)), batch["has_actions"])
         return ce, flow
+        ### END SOLUTION
 
     def forward(self, batch, noise=None, time=None):
         """Calling the model is its training loss, so DistributedDataParallel and torch.compile can
@@ -903,17 +358,21 @@ class KIVLA(nn.Module):
     def sample_actions(self, batch, num_steps=10, noise=None):
         """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to
         tau=0 with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting
-        point (drawn if None). -> (B, H, A) actions, on the model's device."""
+        point (drawn if None). -> (B, H, A) actions, on the model's device. Exercise 5: the
+        backbone runs once (backbone_prefix_kv), then num_steps calls of self._expert(x, tau, kv,
+        valid), at tau = 1, 1 - dt, ..., dt (dt = 1 / num_steps), each moving x against the
+        predicted velocity: x_(tau - dt) = x_tau - dt * v."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
-        B, H, A = len(valid), self.cfg.action_horizon, self.cfg.action_dim
-        # (B, H, A), tau = 1
+        B, H, A = len(batch["text"]), self.cfg.action_horizon, self.cfg.action_dim
+        # (B, H, A): the starting point, tau = 1
         x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
+        ### BEGIN SOLUTION: exercise 5, flow sampling
+        kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
         dt = 1.0 / num_steps
         for i in range(num_steps):
             tau = torch.full((B,), 1.0 - i * dt, device=self.device)
-            # x_{tau - dt} = x_tau - dt * v(x_tau, tau)
-            x = x - dt * self._expert(x, tau, kv, valid).float()
+            x = x - dt * self._expert(x, tau, kv, valid).float()  # x_(tau - dt) = x_tau - dt * v
+        ### END SOLUTION
         return self._unnormalize(x)
 
     def _unnormalize(self, actions):
@@ -1084,121 +543,588 @@ class KIVLA(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma), as in pi0 and KI
+# 4. Backbone (Gemma analog): a decoder-only transformer over [prefix | suffix]
 # ------------------------------------------------------------------------------------------------
-# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works
-# unchanged:
-#   from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-#   hf = PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
-#   tokenizer = AutoProcessor.from_pretrained("google/paligemma-3b-pt-224").tokenizer
-#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, tokenizer))
 
 
-class HFBackbone(nn.Module):
-    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own
-    LM head.
+def prefix_lm_mask(prefix_valid, n_suffix):
+    """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix
+    causal, the prefix never sees the suffix; padded text keys are hidden.
+    e.g. 3 prefix + 2 suffix tokens (rows = queries):
+    1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1   (exercise 3)"""
+    ### BEGIN SOLUTION: exercise 3, the prefix-LM mask
+    B, Tp = prefix_valid.shape
+    i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
+    allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
+    key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(B, n_suffix)], 1)  # (B, T)
+    return (allowed[None] & key_valid[:, None, :]).unsqueeze(1)
+    ### END SOLUTION
 
-    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE
-    base), and reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys
-    after RoPE, with the same rotate-half convention and frequencies as `rope`, at the positions we
-    pass (0..Tp-1 for the prefix; PaliGemma's own forward counts from 1, which no relative position
-    can tell apart).
+
+def expert_mask(prefix_valid, H):
+    """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H
+    action keys (bidirectional among themselves). The suffix (FAST tokens) is not even among its
+    keys. (exercise 3)"""
+    ### BEGIN SOLUTION: exercise 3, the action expert's mask
+    return torch.cat([prefix_valid,
+                      prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
+    ### END SOLUTION
+
+
+class Backbone(nn.Module):
+    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over
+    [prefix | suffix].
+
+    This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 10)
+    implements the same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks
+    inside either:
+      embed_prefix(batch) -> [image | text | state] embeddings (B, Tp, D), prefix_valid (B, Tp)
+      embed(ids)          -> token embeddings (B, T, D) (suffix tokens)
+      forward(x, pos, mask, cache=None)
+                          -> hidden (B, T, D), per-layer [(k, v)] (HF: past_key_values)
+      lm_head(hidden)     -> logits (B, T, V)
+      n_layer, n_head, n_kv_head, head_dim, rope_theta: the shapes the action expert must match
     """
 
-    def __init__(self, hf_model, tokenizer=None):
+    def __init__(self, cfg, vocab):
         super().__init__()
-        import transformers  # noqa: F401  (the optional dependency, only here)
-        if int(transformers.__version__.split(".")[0]) < 5:
-            raise ImportError("HFBackbone needs transformers >= 5 "
-                              f"(found {transformers.__version__}): pip install -U transformers")
-        self.hf, self.tokenizer = hf_model, tokenizer
-        tc = hf_model.config.text_config
-        rope = getattr(tc, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} "
-                             "is not supported by the expert's rope()")
-        if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
-            raise ValueError("HFBackbone passes boolean attention masks: "
-                             "load the model with attn_implementation='sdpa'")
-        self.n_layer, self.n_head, self.n_kv_head = (
-            tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads)
-        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
-        self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
-        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values`
-        # (argument and output)
-        lm_args = inspect.signature(hf_model.model.language_model.forward).parameters
-        self.cache_name = "cache" if "cache" in lm_args else "past_key_values"
-
-    def architecture(self):
-        """What from_architecture needs to rebuild this model with random weights (a checkpoint
-        has the rest)."""
-        return {"class": type(self.hf).__name__, "config": self.hf.config.to_json_string()}
-
-    @staticmethod
-    def from_architecture(arch, tokenizer=None):
-        import json
-        import transformers
-        cls = getattr(transformers, arch["class"])
-        return HFBackbone(cls(cls.config_class.from_dict(json.loads(arch["config"]))), tokenizer)
-
-    def embed(self, ids):
-        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own
-        scaling)."""
-        return self.hf.model.language_model.embed_tokens(ids)  # (B, T, D)
-
-    def lm_head(self, hidden):
-        return self.hf.lm_head(hidden)  # (B, T, V), tied to the embedding as in Gemma
+        self.n_layer, self.n_head, self.n_kv_head = (cfg.n_layer, cfg.n_head,
+                                                     cfg.n_kv_head or cfg.n_head)
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.vit = ViT(cfg, vocab.state_offset)  # FiLM reads word ids only
+        self.embed = nn.Embedding(vocab.size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.head_dim,
+                                          n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
+                                    for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab.size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied, as in Gemma
 
     def embed_prefix(self, batch):
-        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image
-        tokens, then [image | text | state] as the toy. Image tokens enter unscaled, as in
-        PaliGemma's own forward."""
-        x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)
-        img = self.hf.model.get_image_features(x.to(self.hf.dtype)).pooler_output  # (B, Ti, D)
-        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]),
-                       self.embed(batch["state"])], 1)
+        """[image | text | state] -> (B, Tp, D) and which prefix tokens are real (B, Tp)."""
+        img = self.vit(batch["image"], batch["text"], batch["text_valid"])  # (B, Ti, D)
+        x = torch.cat([img, self.embed(batch["text"]), self.embed(batch["state"])], 1)
         return x, prefix_valid(batch, img.shape[1])
 
     def forward(self, x, pos, mask, cache=None):
-        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF
-        uses a 4-D mask as given), the cache as a list of per-layer (k, v), and the keys/values come
-        back the same way."""
-        from transformers import DynamicCache
-        past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
-        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask,
-                                           position_ids=pos[None], use_cache=True,
-                                           **{self.cache_name: past})
-        return out.last_hidden_state, [(layer.keys, layer.values)
-                                       for layer in getattr(out, self.cache_name).layers]
+        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits =
+        self.lm_head(hidden), computed by the caller only where needed: the vocabulary projection
+        is the costliest matmul), per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs)
+        with RoPE applied (HF: past_key_values)."""
+        kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
+        for i, blk in enumerate(self.blocks):
+            x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            kv.append((k, v))
+        return self.norm(x), kv
 
 
-def tiny_paligemma(cfg, fast_vocab_size):
-    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub),
-    shaped like the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with
-    cfg's width, depth, heads and head size, and Gemma 2B's single key/value head unless
-    cfg.n_kv_head says otherwise. Its vocabulary is just big enough for the toy's words, state
-    bins, markers, FAST ids and the 128 reserved ids."""
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-    V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
-    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width,
-                  intermediate_size=4 * cfg.vit_width, num_hidden_layers=cfg.vit_layers,
-                  num_attention_heads=4, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                  projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
-    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                num_key_value_heads=cfg.n_kv_head or 1, head_dim=cfg.head_dim, vocab_size=V)
-    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(
-        vision_config=vision, text_config=text, projection_dim=cfg.d_model,
-        image_token_index=V - 1))
+def prefix_valid(batch, n_image_tokens):
+    """(B, Tp) bool: every image and state token is real, text padding is not."""
+    img = batch["text_valid"].new_ones(len(batch["text_valid"]), n_image_tokens)
+    return torch.cat([img, batch["text_valid"],
+                      torch.ones_like(batch["state"], dtype=torch.bool)], 1)
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. The toy world, 1: push the <colour> block to the <corner> corner (a gymnasium env)
+# 5. ViT image encoder (SigLIP analog): conv stem -> patch tokens -> transformer
 # ------------------------------------------------------------------------------------------------
+
+
+class ToyStem(nn.Module):
+    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale
+    deviations"), both switchable. A real VLA's SigLIP arrives pre-trained; this one learns from
+    scratch in a few thousand steps, so:
+      - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
+        translation-equivariant, but every answer and action here needs absolute position
+        ("the top left corner").
+      - FiLM [7] (film_stem): the instruction's words scale and shift the hidden stem channels
+        (early fusion). Without it the ViT learns far more slowly which blob a colour word such
+        as "red" names.
+    image uint8 (B, S, S, 3), text ids (B, Tt) -> feature map (B, W, S / patch, S / patch)."""
+
+    def __init__(self, cfg, n_words):
+        super().__init__()
+        w, self.coord = cfg.vit_width, cfg.coord_stem
+        c_in = 5 if cfg.coord_stem else 3
+        # "conv": 3x3 stride-2 convs [6], each halving the resolution, down to the patch grid
+        if cfg.vit_stem == "conv":
+            n = int(math.log2(cfg.patch_size))
+            chans = [c_in] + [min(w, 16 * 2 ** i) for i in range(n - 1)] + [w]
+            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, 2, 1)
+                                       for a, b in zip(chans[:-1], chans[1:]))
+        else:  # one patchify conv, as SigLIP
+            chans = [c_in, w]
+            self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
+        self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
+        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it
+        # alone: a strong random FiLM from the start (std 0.3) lets colour words change the image
+        # tokens at once
+        # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
+        self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
+            if cfg.film_stem and self.hidden else None
+
+    def forward(self, image, text, text_valid):
+        x = image.float() / 127.5 - 1.0  # (B, S, S, 3) in [-1, 1]
+        if self.coord:
+            B, S = x.shape[:2]
+            c = torch.linspace(-1, 1, S, device=x.device)
+            # (S, S, 2): x left to right, y top to bottom
+            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)
+            x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
+        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's
+        # conv kernels (oneDNN) run fastest on: the stem's convolutions are the largest single
+        # cost of a CPU training step
+        x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
+        if self.film is not None:
+            # (B, Tt, 1): the mean of the real words' FiLM vectors
+            m = text_valid.unsqueeze(-1).float()
+            film = ((F.embedding(text, self.film) * m).sum(1)
+                    / m.sum(1).clamp(min=1)).split([2 * c for c in self.hidden], -1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)  # (B, C_i, S / 2^(i+1), ...)
+            if i < len(self.convs) - 1:
+                if self.film is not None:
+                    g, b = film[i][:, :, None, None].chunk(2, dim=1)  # (B, C_i, 1, 1) each
+                    x = x * (1 + g) + b
+                x = F.gelu(x)
+        return x
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg, n_words):
+        super().__init__()
+        w = cfg.vit_width
+        self.stem = ToyStem(cfg, n_words)
+        # learned 2-D positions, flattened
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.n_image_tokens, w))
+        self.blocks = nn.ModuleList(Block(w, 4, w // 4, qk_norm=cfg.qk_norm)
+                                    for _ in range(cfg.vit_layers))
+        self.norm = RMSNorm(w)
+        self.proj = nn.Linear(w, cfg.d_model)  # to backbone width, like PaliGemma's projector
+
+    def forward(self, image, text, text_valid):
+        """image uint8 (B, S, S, 3), text ids (B, Tt) (the stem's FiLM reads them)
+        -> image tokens (B, Ti, D)."""
+        # (B, Ti, W)
+        x = self.stem(image, text, text_valid).flatten(2).transpose(1, 2) + self.pos_emb
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return self.proj(self.norm(x))  # (B, Ti, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Action expert: a narrower transformer over the noisy action chunk, conditioned on tau
+# ------------------------------------------------------------------------------------------------
+
+
+class ActionExpert(nn.Module):
+    """Same depth, heads and head size as the backbone (so layer l's queries can read layer l's
+    keys), its own, narrower weights: pi0's mixture of transformers. Flow time enters through
+    adaRMSNorm (pi0.5) rather than pi0's concat-with-action MLP: it conditions every layer, not
+    just the input."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.expert_width
+        self.in_proj = nn.Linear(cfg.action_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
+        self.blocks = nn.ModuleList(Block(w, cfg.n_head, cfg.head_dim, cond_dim=w,
+                                          n_kv_head=cfg.n_kv_head, qk_norm=cfg.qk_norm)
+                                    for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(w)
+        self.out_proj = nn.Linear(w, cfg.action_dim)
+        self.rope_theta = cfg.rope_theta
+
+    def time_embedding(self, tau):
+        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4
+        (as in openpi)."""
+        half = self.in_proj.out_features // 2
+        period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
+        ang = 2 * math.pi * tau[:, None].float() / period[None]
+        return torch.cat([ang.sin(), ang.cos()], -1)
+
+    def forward(self, x_tau, tau, prefix_kv, prefix_valid, pos):
+        """x_tau (B, H, A), tau (B,), prefix_kv: per-layer (k, v) (B, nkv, Tp, hs),
+        prefix_valid (B, Tp), pos (H,) -> predicted velocity (B, H, A)."""
+        B, H, _ = x_tau.shape
+        x = self.in_proj(x_tau)  # (B, H, W)
+        cond = self.time_mlp(self.time_embedding(tau))  # (B, W)
+        mask = expert_mask(prefix_valid, H)  # (B, 1, 1, Tp + H)
+        rot = rope_angles(pos, self.blocks[0].head_dim, self.rope_theta)
+        for blk, kv in zip(self.blocks, prefix_kv):
+            x, _ = blk(x, rot, mask, past_kv=kv, cond=cond)  # layer l reads the backbone's layer l
+        return self.out_proj(self.norm(x))  # (B, H, A)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Transformer pieces shared by the ViT, the backbone and the action expert
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight)
+
+
+def rms_norm(x, weight):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+
+def rope_angles(pos, head_dim, theta=10000.0):
+    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin,
+    each (T, hs). Computed once per forward pass and shared by every layer. Same frequencies as HF
+    Gemma's rotary embedding. sin carries the rotation's sign ([-sin | sin]), so that rope() is two
+    multiplies and an add."""
+    half = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
+    ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # (T, hs) each
+
+
+def rope(x, cos, sin):
+    """Rotate (..., T, hs) by the angles (T, hs): the pair (x[i], x[i + hs/2]) turns by angle i,
+    i.e. [x1 cos - x2 sin | x2 cos + x1 sin], written as x * cos + [x2 | x1] * [-sin | sin]."""
+    half = x.shape[-1] // 2
+    return x * cos.to(x.dtype) + torch.cat([x[..., half:], x[..., :half]], -1) * sin.to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention + gated MLP. Used three ways:
+    ViT (no positions, no mask), backbone (RoPE, prefix-LM mask, KV cache), action expert
+    (RoPE, keys = [backbone prefix keys; own keys], adaRMSNorm conditioned on the flow time)."""
+
+    def __init__(self, width, n_head, head_dim, cond_dim=0, n_kv_head=0, qk_norm=False):
+        super().__init__()
+        self.n_head, self.head_dim, self.n_kv_head = n_head, head_dim, n_kv_head or n_head
+        assert n_head % self.n_kv_head == 0, (
+            f"n_head={n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        # [q | k | v] rows
+        self.qkv = nn.Linear(width, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)
+        self.proj = nn.Linear(n_head * head_dim, width, bias=False)
+        self.fc_gate = nn.Linear(width, 4 * width, bias=False)
+        self.fc_up = nn.Linear(width, 4 * width, bias=False)
+        self.fc_down = nn.Linear(4 * width, width, bias=False)
+        # the action expert's: conditioned on tau
+        self.ada = AdaRMS(cond_dim, width) if cond_dim else None
+        # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at
+        # about unit size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's
+        # attention can stay uniform for its whole pretraining: no image question rises above
+        # chance (the grounding plateau).
+        self.q_norm, self.k_norm = ((RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm
+                                    else (None, None))
+
+    def norm_and_rotate(self, qk, rot=None):
+        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once.
+        One op for both instead of one each: a step of the toy is thousands of small ops, so each
+        op saved makes the step faster."""
+        if self.q_norm is not None:
+            nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+            qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs),
+                                         self.k_norm.weight.expand(nkv, 1, hs)]))
+        return qk if rot is None else rope(qk, *rot)
+
+    def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
+        """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
+        rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
+        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the
+        expert, decoding).
+        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for
+        the action expert, the backbone's prefix keys/values of the same layer (the mixture of
+        transformers).
+        cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        # adaRMSNorm: the expert only
+        ada1, ada2 = self.ada(cond) if cond is not None else (None, None)
+        # 1) attention
+        h = modulate(self.norm1(x), ada1)
+        # (B, heads, T, hs)
+        qk, v = self.qkv(h).view(B, T, nh + 2 * nkv, hs).transpose(1, 2).split([nh + nkv, nkv], 1)
+        q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
+        keys, values = k, v
+        # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
+        if past_kv is not None:
+            # (B, nkv, Tpast + T, hs)
+            keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
+        # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
+        # (B, nh, T, hs)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)
+        a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
+        x = x + gate(a, ada1)
+        # 2) gated MLP (GeGLU, as in Gemma)
+        h = modulate(self.norm2(x), ada2)
+        m = self.fc_down(F.gelu(self.fc_gate(h)) * self.fc_up(h))  # (B, T, W)
+        x = x + gate(m, ada2)
+        return x, (k, v)
+
+
+class AdaRMS(nn.Linear):
+    """pi0.5's adaRMSNorm [3]: the condition (the action expert's flow time) predicts, for each of
+    a block's two sub-blocks, a scale and a shift of its RMSNorm's output and a gate on its residual
+    branch. All three enter as (1 + scale), shift, (1 + gate): zero is a plain pre-norm block.
+    cond (B, C) -> two (scale, shift, gate)."""
+
+    def __init__(self, cond_dim, width):
+        super().__init__(cond_dim, 6 * width)
+
+    def forward(self, cond):
+        s1, b1, g1, s2, b2, g2 = super().forward(cond)[:, None].chunk(6, dim=-1)  # (B, 1, W) each
+        return (s1, b1, g1), (s2, b2, g2)
+
+
+def modulate(h, ada):
+    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate));
+    unchanged without."""
+    return h if ada is None else h * (1 + ada[0]) + ada[1]
+
+
+def gate(branch, ada):
+    """A residual branch's output, gated by adaRMSNorm; unchanged without."""
+    return branch if ada is None else (1 + ada[2]) * branch
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. FAST action tokenizer [4]: DCT per dimension -> scale & round -> low-freq-first -> BPE
+# ------------------------------------------------------------------------------------------------
+
+
+def dct_matrix(n):
+    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x, x = C.T @ coef
+    (scipy norm="ortho")."""
+    k = np.arange(n)[:, None]
+    t = np.arange(n)[None, :]
+    c = np.sqrt(2.0 / n) * np.cos(np.pi * (t + 0.5) * k / n)
+    c[0] /= np.sqrt(2.0)  # row 0 (the mean) gets sqrt(1/n) so every row has unit norm
+    return c
+
+
+def _merge_pair(seq, pair, new_id):
+    """Replace non-overlapping occurrences of `pair` in a list of ints, left to right (minbpe)."""
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+class FASTTokenizer:
+    """Frequency-space Action Sequence Tokenizer [4], from scratch in numpy.
+
+    Actions are expected in about [-1, 1] (the toy's velocity actions are); anything outside is
+    clipped before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H),
+    so the base alphabet [-M, M] with M = round(scale * sqrt(H)) holds every coefficient of every
+    in-range chunk: nothing in range is ever clamped, even coefficients never seen in `fit`.
+    Ids: [0, 2M] are base symbols (coefficient q -> q + M), then one id per learned BPE merge.
+    """
+
+    def __init__(self, scale=10.0, vocab_size=512):
+        self.scale, self.vocab_size = float(scale), int(vocab_size)
+        self.H = self.D = None
+        self.merges = []  # list of (a, b): merge i creates id n_base + i
+
+    # -- the deterministic front end: chunk <-> integer symbols ------------------------------
+    def _setup(self, H, D):
+        self.H, self.D = int(H), int(D)
+        self.M = int(round(self.scale * math.sqrt(self.H)))
+        self.n_base = 2 * self.M + 1
+        assert self.n_base <= self.vocab_size, (
+            f"vocab_size={self.vocab_size} is smaller than the {self.n_base} base symbols "
+            f"needed for scale={self.scale}, H={self.H}; raise vocab_size or lower scale")
+        self.C = dct_matrix(self.H)  # (H, H)
+
+    def symbols(self, chunks):
+        """chunks (N, H, D) -> FAST's base symbols before BPE, (N, H * D) int64. Exercise 6:
+        clip to [-1, 1], DCT-II along time per dimension (coef = C @ x with C = self.C, (H, H)),
+        scale and round (q = rint(scale * coef), in [-M, M]), low frequency first (frequency 0 of
+        every dimension, then frequency 1, ...), shifted by M so that ids are >= 0. e.g. H = 4,
+        D = 2, scale 10 (M = 20): dimension 0 constant at 0.5, dimension 1 at 0.25 -> coef 0.5 * 2
+        = 1 and 0.5 at frequency 0, nothing else -> [30, 25, 20, 20, 20, 20, 20, 20]."""
+        ### BEGIN SOLUTION: exercise 6, FAST's front end
+        x = np.clip(np.asarray(chunks, dtype=np.float64), -1.0, 1.0)  # (N, H, D)
+        coef = np.einsum("th,nhd->ntd", self.C, x)  # (N, H, D) DCT-II along time, per dimension
+        q = np.rint(coef * self.scale).astype(np.int64)  # (N, H, D) integers in [-M, M]
+        return q.reshape(len(q), -1) + self.M  # row-major = all dims' frequency 0, then 1, ...
+        ### END SOLUTION
+
+    def chunk_from_symbols(self, syms):
+        """(H * D,) base symbols -> the (H, D) float32 chunk: symbols' inverse, up to its rounding
+        (each coefficient off by at most 0.5 / scale). Exercise 6."""
+        ### BEGIN SOLUTION: exercise 6, FAST's inverse
+        coef = (np.asarray(syms, np.float64) - self.M).reshape(self.H, self.D) / self.scale
+        return (self.C.T @ coef).astype(np.float32)  # (H, D) inverse DCT: C is orthonormal
+        ### END SOLUTION
+
+    def _check_chunk(self, chunk):
+        assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
+        chunk = np.asarray(chunk)
+        if chunk.shape != (self.H, self.D):
+            raise ValueError(f"FASTTokenizer: expected a chunk of shape ({self.H}, {self.D}), "
+                             f"got {chunk.shape}")
+        if not np.all(np.isfinite(chunk)):
+            raise ValueError("FASTTokenizer: chunk contains NaN or inf")
+        return chunk
+
+    # -- BPE over the symbol sequences -------------------------------------------------------
+    def fit(self, chunks):
+        """Learn BPE merges on (N, H, D) chunks. Pair counting is vectorised over the whole corpus
+        (all sequences concatenated with -1 separators; one bincount per merge): the Python loop
+        runs over merges, not over chunks."""
+        chunks = np.asarray(chunks, dtype=np.float64)
+        if chunks.ndim != 3 or len(chunks) == 0:
+            raise ValueError("FASTTokenizer.fit: expected chunks of shape (N, H, D), "
+                             f"got {chunks.shape}")
+        self._setup(chunks.shape[1], chunks.shape[2])
+        q = self.symbols(chunks)  # (N, H * D): every chunk's symbols at once
+        seqs = np.concatenate([q, -np.ones((len(q), 1), np.int64)], axis=1)
+        arr = seqs.reshape(-1)  # one long int array, -1 separates chunks
+        self.merges = []
+        for new_id in range(self.n_base, self.vocab_size):
+            a, b = arr[:-1], arr[1:]
+            ok = (a >= 0) & (b >= 0)
+            keys = a[ok] * self.vocab_size + b[ok]
+            if len(keys) == 0:
+                break
+            # pair key -> count (keys < vocab_size^2: a small table, no sort)
+            counts = np.bincount(keys)
+            best = int(np.argmax(counts))  # ties -> smallest pair key: deterministic
+            if counts[best] < 2:
+                break  # a merge seen once compresses nothing that generalises
+            pa, pb = divmod(best, self.vocab_size)
+            arr = self._merge_array(arr, pa, pb, new_id)
+            self.merges.append((pa, pb))
+        self._build_tables()
+        return self
+
+    @staticmethod
+    def _merge_array(arr, pa, pb, new_id):
+        hit = np.flatnonzero((arr[:-1] == pa) & (arr[1:] == pb))
+        if len(hit) == 0:
+            return arr
+        if pa == pb and len(hit) > 1:  # subtle: in a run "aaa" only the first pair merges
+            keep, last = [], -2
+            for i in hit.tolist():
+                if i != last + 1:
+                    keep.append(i)
+                    last = i
+                else:
+                    last = -2
+            hit = np.array(keep, dtype=np.int64)
+        arr = arr.copy()
+        arr[hit] = new_id
+        return np.delete(arr, hit + 1)
+
+    def _build_tables(self):
+        self.ranks = {tuple(p): self.n_base + i for i, p in enumerate(self.merges)}
+        self.expand = [[i] for i in range(self.n_base)]  # id -> base symbols
+        for a, b in self.merges:
+            self.expand.append(self.expand[a] + self.expand[b])
+
+    def encode(self, chunk):
+        """(H, D) float chunk -> list of ids in [0, vocab_size).
+        Applies merges lowest rank first."""
+        seq = self.symbols(self._check_chunk(chunk)[None])[0].tolist()
+        while len(seq) > 1:
+            pairs = set(zip(seq[:-1], seq[1:]))
+            pair = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            seq = _merge_pair(seq, pair, self.ranks[pair])
+        return seq
+
+    def encode_batch(self, chunks):
+        """[encode(c) for c in chunks], faster on a training set: each merge is applied to all
+        chunks at once (numpy, as in fit), instead of a Python loop over every chunk's pairs. Merge
+        after merge in rank order is what encode's lowest-rank-first loop does too: a merge only
+        ever creates pairs of higher rank."""
+        q = self.symbols(np.stack([self._check_chunk(c) for c in chunks]))  # (N, H * D)
+        # one long int array, -1 separates chunks
+        arr = np.concatenate([q, -np.ones((len(q), 1), np.int64)], axis=1).reshape(-1)
+        for i, (pa, pb) in enumerate(self.merges):
+            arr = self._merge_array(arr, pa, pb, self.n_base + i)
+        # one list per chunk, each without its -1
+        return [x[:-1].tolist() for x in np.split(arr, np.flatnonzero(arr < 0) + 1)[:-1]]
+
+    def decode(self, ids, return_valid=False):
+        """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything.
+        Unknown ids are dropped, missing coefficients are 0, extra ones are cut.
+        valid = nothing had to be fixed."""
+        assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
+        syms, valid = [], True
+        for i in ids:
+            try:
+                i = int(i)
+            except (TypeError, ValueError, OverflowError):
+                valid = False
+                continue
+            if 0 <= i < len(self.expand):
+                syms.extend(self.expand[i])
+            else:
+                valid = False
+        n = self.H * self.D
+        if len(syms) != n:
+            valid = False
+            syms = (syms + [self.M] * n)[:n]  # symbol M is coefficient 0
+        chunk = self.chunk_from_symbols(syms)
+        return (chunk, valid) if return_valid else chunk
+
+    def state_dict(self):
+        return {"scale": self.scale, "vocab_size": self.vocab_size, "H": self.H, "D": self.D,
+                "merges": [list(p) for p in self.merges]}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        tok = cls(scale=d["scale"], vocab_size=d["vocab_size"])
+        tok._setup(d["H"], d["D"])
+        tok.merges = [tuple(int(v) for v in p) for p in d["merges"]]
+        tok._build_tables()
+        return tok
+
+
+class QuantileNorm:
+    """Invertible per-dimension normalisation (openpi, FAST [4]): the 1st..99th percentile of the
+    training data maps to [-1, 1]. Real robot actions and states are not in [-1, 1] (the toy's
+    are, so the toy runs without one). Nothing is clipped here, so `inverse` undoes it exactly;
+    FAST clips what falls outside. A constant dimension is only shifted."""
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)  # (D,) each
+        self.scale = np.where(self.hi - self.lo > 1e-8, (self.hi - self.lo) / 2, 1.0)
+
+    @classmethod
+    def fit(cls, x, q=0.01):
+        # (N, D): every time step of every chunk
+        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+        if not np.all(np.isfinite(x)):
+            raise ValueError("QuantileNorm.fit: data contains NaN or inf")
+        return cls(np.quantile(x, q, axis=0), np.quantile(x, 1 - q, axis=0))
+
+    def __call__(self, x):
+        return ((np.asarray(x, np.float64) - (self.lo + self.hi) / 2)
+                / self.scale).astype(np.float32)
+
+    def inverse(self, y):
+        return (np.asarray(y, np.float64) * self.scale + (self.lo + self.hi) / 2).astype(np.float32)
+
+    def state_dict(self):
+        return {"lo": self.lo.tolist(), "hi": self.hi.tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. The toy world: push the <colour> block to the <corner> corner (a gymnasium env)
+# ------------------------------------------------------------------------------------------------
+
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
           "yellow": (235, 200, 30), "purple": (150, 60, 200)}
@@ -1424,9 +1350,10 @@ def dart(action, noise, rng):
 expert_action = scripted_action  # an alias: external checks and course material use this name
 
 
-# ------------------------------------------------------------------------------------------------
-# 10. The toy world, 2: vision-language data, scene questions covering every instruction word
-# ------------------------------------------------------------------------------------------------
+# The toy world's vision-language data: scene questions covering every instruction word
+#----------------------------------------
+
+
 # A real VLA starts from a VLM that already knows what "red" and "top left" mean. Our stand-in for
 # that knowledge is toy VQA on the same scenes; the backbone is pre-trained on it and co-trained
 # with it.
@@ -1469,9 +1396,9 @@ def make_vqa(env, rng):
     return f"you {verb} the {color} block to the {said} corner which moves", color
 
 
-# ------------------------------------------------------------------------------------------------
-# 11. One backbone vocabulary: specials | words | 256 state bins | FAST ids (last, as openpi)
-# ------------------------------------------------------------------------------------------------
+# One backbone vocabulary: specials | words | 256 state bins | FAST ids (last, as openpi)
+#----------------------------------------
+
 
 SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
 WORDS = sorted(set(" ".join([INSTRUCTION,
@@ -1532,21 +1459,114 @@ class Vocab:
 
 
 # ------------------------------------------------------------------------------------------------
-# 12. Exercises (README "Exercises" 1 and 2): fill these in, then `python -m pytest -q -k exercise`
+# 10. A real VLM behind the same interface: HuggingFace PaliGemma (SigLIP + Gemma)
 # ------------------------------------------------------------------------------------------------
 
 
-def exercise_stop_gradient(kv):
-    """Exercise 1: knowledge insulation, written by you. kv: the backbone's per-layer [(k, v)],
-    each (B, nkv, Tp, hs). Return what the action expert may read: the same values, through which
-    no gradient can flow back into the backbone. (Returns None until you write it: its test skips
-    until then.)"""
-    return None
+# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works
+# unchanged:
+#   from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+#   hf = PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
+#   tokenizer = AutoProcessor.from_pretrained("google/paligemma-3b-pt-224").tokenizer
+#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, tokenizer))
+
+class HFBackbone(nn.Module):
+    """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own
+    LM head.
+
+    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE
+    base), and reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys
+    after RoPE, with the same rotate-half convention and frequencies as `rope`, at the positions we
+    pass (0..Tp-1 for the prefix; PaliGemma's own forward counts from 1, which no relative position
+    can tell apart).
+    """
+
+    def __init__(self, hf_model, tokenizer=None):
+        super().__init__()
+        import transformers  # noqa: F401  (the optional dependency, only here)
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ImportError("HFBackbone needs transformers >= 5 "
+                              f"(found {transformers.__version__}): pip install -U transformers")
+        self.hf, self.tokenizer = hf_model, tokenizer
+        tc = hf_model.config.text_config
+        rope = getattr(tc, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"HFBackbone: RoPE scaling {rope.get('rope_type')!r} "
+                             "is not supported by the expert's rope()")
+        if getattr(tc, "_attn_implementation", "sdpa") not in ("sdpa", None):
+            raise ValueError("HFBackbone passes boolean attention masks: "
+                             "load the model with attn_implementation='sdpa'")
+        self.n_layer, self.n_head, self.n_kv_head = (
+            tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads)
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.rope_theta = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
+        self.vocab_size, self.image_size = tc.vocab_size, hf_model.config.vision_config.image_size
+        # newer transformers (5.24) call the KV cache `cache`, older ones (5.17) `past_key_values`
+        # (argument and output)
+        lm_args = inspect.signature(hf_model.model.language_model.forward).parameters
+        self.cache_name = "cache" if "cache" in lm_args else "past_key_values"
+
+    def architecture(self):
+        """What from_architecture needs to rebuild this model with random weights (a checkpoint
+        has the rest)."""
+        return {"class": type(self.hf).__name__, "config": self.hf.config.to_json_string()}
+
+    @staticmethod
+    def from_architecture(arch, tokenizer=None):
+        import json
+        import transformers
+        cls = getattr(transformers, arch["class"])
+        return HFBackbone(cls(cls.config_class.from_dict(json.loads(arch["config"]))), tokenizer)
+
+    def embed(self, ids):
+        """Gemma's token embedding; it multiplies by sqrt(hidden size) itself (the model's own
+        scaling)."""
+        return self.hf.model.language_model.embed_tokens(ids)  # (B, T, D)
+
+    def lm_head(self, hidden):
+        return self.hf.lm_head(hidden)  # (B, T, V), tied to the embedding as in Gemma
+
+    def embed_prefix(self, batch):
+        """uint8 images -> what SigLIP expects (its size; mean 0.5, std 0.5, i.e. [-1, 1]) -> image
+        tokens, then [image | text | state] as the toy. Image tokens enter unscaled, as in
+        PaliGemma's own forward."""
+        x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
+        img = self.hf.model.get_image_features(x.to(self.hf.dtype)).pooler_output  # (B, Ti, D)
+        x = torch.cat([img.to(self.hf.dtype), self.embed(batch["text"]),
+                       self.embed(batch["state"])], 1)
+        return x, prefix_valid(batch, img.shape[1])
+
+    def forward(self, x, pos, mask, cache=None):
+        """Same contract as Backbone.forward: the prefix-LM mask goes in as a 4-D boolean mask (HF
+        uses a 4-D mask as given), the cache as a list of per-layer (k, v), and the keys/values come
+        back the same way."""
+        from transformers import DynamicCache
+        past = DynamicCache() if cache is None else DynamicCache(ddp_cache_data=cache)
+        out = self.hf.model.language_model(inputs_embeds=x, attention_mask=mask,
+                                           position_ids=pos[None], use_cache=True,
+                                           **{self.cache_name: past})
+        return out.last_hidden_state, [(layer.keys, layer.values)
+                                       for layer in getattr(out, self.cache_name).layers]
 
 
-def exercise_flow_target(noise, actions, tau):
-    """Exercise 2: flow matching's training pair [5]. noise, actions (B, H, A); tau (B,) in [0, 1],
-    1 = pure noise. Return (x_tau, u): the point at time tau on the straight path between the
-    actions (tau = 0) and the noise (tau = 1), and its velocity d x_tau / d tau, the target the
-    action expert learns. (None until you write it.)"""
-    return None
+def tiny_paligemma(cfg, fast_vocab_size):
+    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub),
+    shaped like the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with
+    cfg's width, depth, heads and head size, and Gemma 2B's single key/value head unless
+    cfg.n_kv_head says otherwise. Its vocabulary is just big enough for the toy's words, state
+    bins, markers, FAST ids and the 128 reserved ids."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
+    vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width,
+                  intermediate_size=4 * cfg.vit_width, num_hidden_layers=cfg.vit_layers,
+                  num_attention_heads=4, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  projection_dim=cfg.d_model, vision_use_head=False)  # as PaliGemma
+    text = dict(model_type="gemma", hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                num_key_value_heads=cfg.n_kv_head or 1, head_dim=cfg.head_dim, vocab_size=V)
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(
+        vision_config=vision, text_config=text, projection_dim=cfg.d_model,
+        image_token_index=V - 1))
