@@ -27,7 +27,7 @@ The file, top down (Python resolves names when a function runs, so the method co
   8. FAST                   FASTTokenizer (DCT -> scale & round -> low frequency first -> BPE)
   9. The toy world          PushEnv (kivla/Push-v0), scripted_action, make_vqa, Vocab
  10. HFBackbone             a HuggingFace PaliGemma behind the same interface (optional)
-Exercises (docs/course.md) are the bodies between "### BEGIN SOLUTION" and "### END SOLUTION".
+Exercises (docs/course.md): six marked bodies, the student's copy raises NotImplementedError there.
 
 Notation: B batch, S image side, Ti image tokens, Tt text tokens, Tp prefix tokens (Ti + Tt +
 state_dim), Ts suffix tokens, H action horizon, A action dim, D width, nh heads, nkv key/value
@@ -162,8 +162,8 @@ def stop_gradient(kv):
     """KNOWLEDGE INSULATION [1]: what the action expert reads of the VLM, the per-layer keys/values
     [(k, v)], detached. The forward pass is unchanged; the flow loss just cannot push gradients into
     the VLM (the randomly initialised expert cannot damage what the VLM knows).
-    Exercise 1: kv [(k, v)] per layer, each (B, nkv, Tp, hs) -> the same list, values unchanged."""
-    ### BEGIN SOLUTION: exercise 1, the stop-gradient
+    Exercise 3: kv [(k, v)] per layer, each (B, nkv, Tp, hs) -> the same list, values unchanged."""
+    ### BEGIN SOLUTION: exercise 3, the stop-gradient
     return [(k.detach(), v.detach()) for k, v in kv]
     ### END SOLUTION
 
@@ -171,9 +171,9 @@ def stop_gradient(kv):
 def flow_target(noise, actions, tau):
     """Flow matching's training pair [5] (pi0's convention): x_tau on the straight path from the
     actions (tau = 0) to the noise (tau = 1), and its velocity u = d x_tau / d tau, the target the
-    action expert learns. Exercise 2: noise, actions (B, H, A); tau (B,) -> x_tau, u, (B, H, A)
+    action expert learns. Exercise 4: noise, actions (B, H, A); tau (B,) -> x_tau, u, (B, H, A)
     each. e.g. noise 1, actions 3, tau 0.25 -> x_tau 2.5 (a quarter of the way to the noise), u -2."""
-    ### BEGIN SOLUTION: exercise 2, the flow pair
+    ### BEGIN SOLUTION: exercise 4, the flow pair
     t = tau[:, None, None]  # (B, 1, 1)
     return t * noise + (1 - t) * actions, noise - actions
     ### END SOLUTION
@@ -270,13 +270,13 @@ class KIVLA(nn.Module):
         log: reading one waits for the device, so the training loop does it every few steps, not
         every step)."""
         ce, flow = self.loss_terms(batch, noise, time)
-        ### BEGIN SOLUTION: exercise 4, the KI loss (fast: no flow term at all)
+        ### BEGIN SOLUTION: exercise 5, the KI loss
         loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce
         ### END SOLUTION
         return loss, {"loss": loss.detach(), "ce_loss": ce.detach(), "flow_loss": flow.detach()}
 
     def loss_terms(self, batch, noise=None, time=None):
-        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow. Exercise 4:
+        """The loss's two terms, each a 0-d tensor with its graph: -> ce, flow. Exercise 5:
           ce: the backbone's next-token cross-entropy (logits = lm_head(h)) on suffix_target,
             averaged over the targets where suffix_loss is True (FAST tokens, VQA answers).
           flow (0 if not cfg.use_flow): the action expert's squared velocity error against u at
@@ -288,8 +288,8 @@ class KIVLA(nn.Module):
         cfg, batch = self.cfg, {k: v.to(self.device) for k, v in batch.items()}
         self._check_batch(batch)
         # 1) one backbone pass over [prefix | suffix]; the expert reads the prefix part of its KV
+        ### BEGIN SOLUTION: exercise 5, the KI loss
         h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
-        ### BEGIN SOLUTION: exercise 4, the KI loss terms
         # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone
         #    learns actions
         logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
@@ -358,7 +358,7 @@ class KIVLA(nn.Module):
     def sample_actions(self, batch, num_steps=10, noise=None):
         """Encode the prefix once (the KV cache), then integrate the flow from tau=1 (noise) to
         tau=0 with num_steps Euler steps of the action expert alone. noise (B, H, A): the starting
-        point (drawn if None). -> (B, H, A) actions, on the model's device. Exercise 5: the
+        point (drawn if None). -> (B, H, A) actions, on the model's device. Exercise 6: the
         backbone runs once (backbone_prefix_kv), then num_steps calls of self._expert(x, tau, kv,
         valid), at tau = 1, 1 - dt, ..., dt (dt = 1 / num_steps), each moving x against the
         predicted velocity: x_(tau - dt) = x_tau - dt * v."""
@@ -366,7 +366,7 @@ class KIVLA(nn.Module):
         B, H, A = len(batch["text"]), self.cfg.action_horizon, self.cfg.action_dim
         # (B, H, A): the starting point, tau = 1
         x = torch.randn(B, H, A, device=self.device) if noise is None else noise.to(self.device)
-        ### BEGIN SOLUTION: exercise 5, flow sampling
+        ### BEGIN SOLUTION: exercise 6, flow sampling
         kv, valid = self.backbone_prefix_kv(batch)  # computed once, read by every Euler step
         dt = 1.0 / num_steps
         for i in range(num_steps):
@@ -413,8 +413,7 @@ class KIVLA(nn.Module):
                 break
             if use_cache:  # one new token attends to everything before it
                 T = Tp + 1 + out.shape[1]
-                # (B, 1, 1, T)
-                mask = torch.cat([valid, valid.new_ones(B, T - Tp)], 1)[:, None, None, :]
+                mask = expert_mask(valid, T - Tp)  # (B, 1, 1, T): the prefix and every token
                 h, cache = self.backbone(self.backbone.embed(nxt[:, None]),
                                          torch.full((1,), T - 1, device=dev), mask, cache)
             else:  # recompute the whole sequence: the reference the cache must match
@@ -551,8 +550,8 @@ def prefix_lm_mask(prefix_valid, n_suffix):
     """Bool (B, 1, T, T), True = query may attend key. The prefix is bidirectional, the suffix
     causal, the prefix never sees the suffix; padded text keys are hidden.
     e.g. 3 prefix + 2 suffix tokens (rows = queries):
-    1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1   (exercise 3)"""
-    ### BEGIN SOLUTION: exercise 3, the prefix-LM mask
+    1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 0 0 / 1 1 1 1 0 / 1 1 1 1 1   (exercise 2)"""
+    ### BEGIN SOLUTION: exercise 2, the attention masks
     B, Tp = prefix_valid.shape
     i = torch.arange(Tp + n_suffix, device=prefix_valid.device)
     allowed = (i[None, :] <= i[:, None]) | (i[None, :] < Tp)  # (T, T)
@@ -564,8 +563,8 @@ def prefix_lm_mask(prefix_valid, n_suffix):
 def expert_mask(prefix_valid, H):
     """Bool (B, 1, 1, Tp + H) for the action expert's H queries: every valid prefix key and all H
     action keys (bidirectional among themselves). The suffix (FAST tokens) is not even among its
-    keys. (exercise 3)"""
-    ### BEGIN SOLUTION: exercise 3, the action expert's mask
+    keys. (exercise 2)"""
+    ### BEGIN SOLUTION: exercise 2, the attention masks
     return torch.cat([prefix_valid,
                       prefix_valid.new_ones(len(prefix_valid), H)], 1)[:, None, None, :]
     ### END SOLUTION
@@ -945,13 +944,13 @@ class FASTTokenizer:
         self.C = dct_matrix(self.H)  # (H, H)
 
     def symbols(self, chunks):
-        """chunks (N, H, D) -> FAST's base symbols before BPE, (N, H * D) int64. Exercise 6:
+        """chunks (N, H, D) -> FAST's base symbols before BPE, (N, H * D) int64. Exercise 1:
         clip to [-1, 1], DCT-II along time per dimension (coef = C @ x with C = self.C, (H, H)),
         scale and round (q = rint(scale * coef), in [-M, M]), low frequency first (frequency 0 of
         every dimension, then frequency 1, ...), shifted by M so that ids are >= 0. e.g. H = 4,
         D = 2, scale 10 (M = 20): dimension 0 constant at 0.5, dimension 1 at 0.25 -> coef 0.5 * 2
         = 1 and 0.5 at frequency 0, nothing else -> [30, 25, 20, 20, 20, 20, 20, 20]."""
-        ### BEGIN SOLUTION: exercise 6, FAST's front end
+        ### BEGIN SOLUTION: exercise 1, FAST's front end
         x = np.clip(np.asarray(chunks, dtype=np.float64), -1.0, 1.0)  # (N, H, D)
         coef = np.einsum("th,nhd->ntd", self.C, x)  # (N, H, D) DCT-II along time, per dimension
         q = np.rint(coef * self.scale).astype(np.int64)  # (N, H, D) integers in [-M, M]
@@ -960,8 +959,8 @@ class FASTTokenizer:
 
     def chunk_from_symbols(self, syms):
         """(H * D,) base symbols -> the (H, D) float32 chunk: symbols' inverse, up to its rounding
-        (each coefficient off by at most 0.5 / scale). Exercise 6."""
-        ### BEGIN SOLUTION: exercise 6, FAST's inverse
+        (each coefficient off by at most 0.5 / scale). Exercise 1."""
+        ### BEGIN SOLUTION: exercise 1, FAST's front end
         coef = (np.asarray(syms, np.float64) - self.M).reshape(self.H, self.D) / self.scale
         return (self.C.T @ coef).astype(np.float32)  # (H, D) inverse DCT: C is orthonormal
         ### END SOLUTION
@@ -1048,6 +1047,8 @@ class FASTTokenizer:
         chunks at once (numpy, as in fit), instead of a Python loop over every chunk's pairs. Merge
         after merge in rank order is what encode's lowest-rank-first loop does too: a merge only
         ever creates pairs of higher rank."""
+        if len(chunks) == 0:
+            return []
         q = self.symbols(np.stack([self._check_chunk(c) for c in chunks]))  # (N, H * D)
         # one long int array, -1 separates chunks
         arr = np.concatenate([q, -np.ones((len(q), 1), np.int64)], axis=1).reshape(-1)
