@@ -78,25 +78,20 @@ class Config:
     patch_size: int = 16        # -> (S / patch)^2 image tokens (16): few tokens keep the CPU budget
     vit_stem: str = "conv"      # "conv": 3x3 stride-2 convs [6] | "patchify": one conv
     film_stem: bool = True      # toy-scale deviation: instruction words FiLM-modulate the conv stem
-    coord_stem: bool = True     # toy-scale deviation: x, y coordinate channels beside RGB
-                                # (CoordConv)
-    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, as in Gemma 3;
-                                # see Block)
+    coord_stem: bool = True     # toy-scale deviation: x, y channels beside RGB (CoordConv)
+    qk_norm: bool = True        # RMSNorm on every head's queries and keys (QK-norm, Gemma 3)
     vit_width: int = 64         # ViT width (SigLIP analog)
     vit_layers: int = 2         # ViT transformer blocks after the conv stem
     d_model: int = 64           # backbone width (Gemma analog)
-    n_layer: int = 4            # shared by backbone and action expert (attention is mixed per
-                                # layer)
+    n_layer: int = 4            # shared by backbone and action expert (attention mixed per layer)
     n_head: int = 4             # shared too: the expert's queries read the backbone's keys per head
-    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer = grouped-query attention
-                                # (Gemma 2B: 1)
+    n_kv_head: int = 0          # key/value heads, 0 = n_head; fewer: grouped-query (Gemma 2B: 1)
     head_dim: int = 16          # per attention head, shared by backbone and expert
     rope_theta: float = 10000.0  # RoPE base (a real VLM's expert takes its VLM's)
     expert_width: int = 48      # the action expert is narrower (pi0: 1024 vs Gemma's 2048)
     text_len: int = 12          # Tt, words of instruction / question (padded)
     state_bins: int = 256       # pi0.5: proprioception as discrete tokens
-    state_dim: int = 2          # Ds, proprioception numbers per step (the toy: pusher x, y),
-                                # one token each
+    state_dim: int = 2          # Ds, proprioception numbers (the toy: pusher x, y), a token each
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -135,8 +130,7 @@ class Config:
         return self.n_image_tokens + self.text_len + self.state_dim  # Tp: image | text | state
 
     @property
-    def suffix_len(self):
-        # Ts: "Action:" + worst case one id per coefficient
+    def suffix_len(self):  # Ts: "Action:" + worst case one id per coefficient
         return self.action_horizon * self.action_dim + 1
 
 
@@ -224,14 +218,10 @@ class KIVLA(nn.Module):
                                   ("n_layer", "n_head", "n_kv_head", "head_dim", "rope_theta")})
         self.cfg, self.fast_tokenizer = cfg, fast_tokenizer
         self.action_norm, self.state_norm = action_norm, state_norm
-        # action_norm's inverse on the model's device (the samplers undo it without a host copy)
-        if action_norm is not None:
-            # (A,) each
-            mid, scale = (torch.tensor(x)
-                          for x in ((action_norm.lo + action_norm.hi) / 2, action_norm.scale))
-            # not saved: the checkpoint keeps the norm
+        if action_norm is not None:  # its inverse on the model's device (not saved: the norm is)
+            mid = torch.tensor((action_norm.lo + action_norm.hi) / 2)  # (A,)
             self.register_buffer("action_mid", mid, persistent=False)
-            self.register_buffer("action_scale", scale, persistent=False)
+            self.register_buffer("action_scale", torch.tensor(action_norm.scale), persistent=False)
         if backbone is None:
             self.vocab = Vocab(fast_tokenizer.vocab_size, cfg.state_bins)
             self.backbone = Backbone(cfg, self.vocab)
@@ -247,9 +237,7 @@ class KIVLA(nn.Module):
     def _init_weights(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
-        # subtle: PyTorch's default conv init shrinks the signal at every layer until the biases
-        # drown the image
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d):  # subtle: the default init shrinks the image layer by layer
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
@@ -315,8 +303,7 @@ class KIVLA(nn.Module):
         ### END SOLUTION
 
     def forward(self, batch, noise=None, time=None):
-        """Calling the model is its training loss, so DistributedDataParallel and torch.compile can
-        wrap it."""
+        """Calling the model is its training loss (so that DDP and torch.compile can wrap it)."""
         return self.compute_loss(batch, noise, time)
 
     # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it)
@@ -347,9 +334,8 @@ class KIVLA(nn.Module):
 
     def _expert(self, x_tau, tau, kv, prefix_valid):
         Tp, H = prefix_valid.shape[1], x_tau.shape[1]
-        # subtle: the expert's RoPE positions follow the prefix as if no FAST tokens existed,
-        # because at inference none do; numbering them after the FAST tokens would shift them
-        # between train and test
+        # subtle: the expert's positions follow the prefix as if no FAST tokens existed (at
+        # inference none do): numbering them after the FAST tokens would shift train from test
         pos = torch.arange(Tp, Tp + H, device=x_tau.device)
         return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
 
@@ -383,10 +369,8 @@ class KIVLA(nn.Module):
 
     @torch.no_grad()
     def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
-        """pi0-FAST inference on the same model: greedy autoregressive decoding of FAST tokens
-        after "Action:", then the FAST decode. -> actions (B, H, A), valid (B,) (decoded cleanly),
-        on the model's device. stop_at_eos=False always decodes max_tokens (fair timing of an
-        untrained model)."""
+        """pi0-FAST inference on the same model: greedy AR decoding of FAST tokens after "Action:",
+        then FAST's decode -> actions (B, H, A), valid (B,). stop_at_eos=False: max_tokens always."""
         return self.decode_fast_tokens(
             self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
 
@@ -394,7 +378,7 @@ class KIVLA(nn.Module):
     def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
         """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are
         fixed and it never reads a value back to Python, so it can be captured as one CUDA graph
-        (train_toy.graphed_fast)."""
+        (tools/speed.py)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         vocab, dev = self.vocab, self.device
         max_tokens = max_tokens or self.cfg.suffix_len
@@ -424,8 +408,7 @@ class KIVLA(nn.Module):
         return out
 
     def decode_fast_tokens(self, tokens):
-        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded,
-        unnormalised."""
+        """(B, n) generated ids -> actions (B, H, A), valid (B,): up to "|", FAST-decoded."""
         acts, oks = [], []
         for row in tokens.tolist():
             ended = self.vocab.eos in row  # no "|" within max_tokens: malformed
@@ -491,8 +474,7 @@ class KIVLA(nn.Module):
                 out["actions"][i], out["has_actions"][i] = actions[i], True
                 if cfg.use_fast:  # "Action:" fast_tokens "|"   (pi0 has no FAST tokens at all)
                     seq = [vocab.action] + [vocab.fast_offset + t for t in fast[i]] + [vocab.eos]
-            # next-token prediction: inputs seq[:-1], targets seq[1:]
-            # ("Action:" only in, "|" only out)
+            # next-token prediction: inputs seq[:-1], targets seq[1:] ("Action:" in, "|" out)
             if seq:
                 out["suffix"][i, :len(seq) - 1] = seq[:-1]
                 out["suffix_target"][i, :len(seq) - 1] = seq[1:]
@@ -502,8 +484,7 @@ class KIVLA(nn.Module):
         return batch
 
     def _check_batch(self, batch):
-        """pi0 trains without FAST tokens: a batch built for another variant is refused (in eager
-        mode only: the check reads a value back to Python)."""
+        """pi0 trains without FAST tokens: another variant's batch is refused (eager mode only)."""
         if not self.cfg.use_fast and _eager() and (batch["suffix"] >= self.vocab.fast_offset).any():
             raise ValueError(f"variant {self.cfg.variant!r} trains without FAST tokens, but the "
                              "batch has some: build batches with this model's make_batch")
@@ -606,10 +587,8 @@ class Backbone(nn.Module):
         return x, prefix_valid(batch, img.shape[1])
 
     def forward(self, x, pos, mask, cache=None):
-        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (logits =
-        self.lm_head(hidden), computed by the caller only where needed: the vocabulary projection
-        is the costliest matmul), per-layer [(k, v)] incl. the cache, each (B, nkv, Tpast + T, hs)
-        with RoPE applied (HF: past_key_values)."""
+        """x (B, T, D) embeddings, pos (T,) -> hidden states (B, T, D) (the caller applies lm_head
+        where it needs logits), per-layer [(k, v)] with the cache, each (B, nkv, Tpast + T, hs)."""
         kv, rot = [], rope_angles(pos, self.head_dim, self.rope_theta)
         for i, blk in enumerate(self.blocks):
             x, (k, v) = blk(x, rot, mask, None if cache is None else cache[i])
@@ -737,8 +716,7 @@ class ActionExpert(nn.Module):
         self.rope_theta = cfg.rope_theta
 
     def time_embedding(self, tau):
-        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods from 4e-3 to 4
-        (as in openpi)."""
+        """tau (B,) in [0, 1] -> sinusoidal features (B, W), periods 4e-3 to 4 (as in openpi)."""
         half = self.in_proj.out_features // 2
         period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, device=tau.device)
         ang = 2 * math.pi * tau[:, None].float() / period[None]
@@ -776,10 +754,8 @@ def rms_norm(x, weight):
 
 
 def rope_angles(pos, head_dim, theta=10000.0):
-    """Rotary position embedding (RoFormer, Su et al. 2021) for integer positions (T,) -> cos, sin,
-    each (T, hs). Computed once per forward pass and shared by every layer. Same frequencies as HF
-    Gemma's rotary embedding. sin carries the rotation's sign ([-sin | sin]), so that rope() is two
-    multiplies and an add."""
+    """Rotary position embedding (RoFormer) for positions (T,) -> cos, sin, each (T, hs), shared by
+    every layer; HF Gemma's frequencies. sin carries the sign ([-sin | sin]): rope() is x*cos + ..."""
     half = head_dim // 2
     freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
     ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
@@ -821,9 +797,7 @@ class Block(nn.Module):
                                     else (None, None))
 
     def norm_and_rotate(self, qk, rot=None):
-        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) of a block at once.
-        One op for both instead of one each: a step of the toy is thousands of small ops, so each
-        op saved makes the step faster."""
+        """QK-norm, then RoPE, on the queries and keys (B, nh + nkv, T, hs) at once (fewer ops)."""
         if self.q_norm is not None:
             nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
             qk = rms_norm(qk, torch.cat([self.q_norm.weight.expand(nh, 1, hs),
@@ -880,8 +854,7 @@ class AdaRMS(nn.Linear):
 
 
 def modulate(h, ada):
-    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate));
-    unchanged without."""
+    """RMSNorm's output h, scaled and shifted by adaRMSNorm (ada = (scale, shift, gate))."""
     return h if ada is None else h * (1 + ada[0]) + ada[1]
 
 
@@ -903,19 +876,6 @@ def dct_matrix(n):
     c = np.sqrt(2.0 / n) * np.cos(np.pi * (t + 0.5) * k / n)
     c[0] /= np.sqrt(2.0)  # row 0 (the mean) gets sqrt(1/n) so every row has unit norm
     return c
-
-
-def _merge_pair(seq, pair, new_id):
-    """Replace non-overlapping occurrences of `pair` in a list of ints, left to right (minbpe)."""
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return out
 
 
 class FASTTokenizer:
@@ -1025,28 +985,18 @@ class FASTTokenizer:
         return np.delete(arr, hit + 1)
 
     def _build_tables(self):
-        self.ranks = {tuple(p): self.n_base + i for i, p in enumerate(self.merges)}
         self.expand = [[i] for i in range(self.n_base)]  # id -> base symbols
         for a, b in self.merges:
             self.expand.append(self.expand[a] + self.expand[b])
 
     def encode(self, chunk):
-        """(H, D) float chunk -> list of ids in [0, vocab_size).
-        Applies merges lowest rank first."""
-        seq = self.symbols(self._check_chunk(chunk)[None])[0].tolist()
-        while len(seq) > 1:
-            pairs = set(zip(seq[:-1], seq[1:]))
-            pair = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            seq = _merge_pair(seq, pair, self.ranks[pair])
-        return seq
+        """(H, D) float chunk -> list of ids in [0, vocab_size)."""
+        return self.encode_batch([chunk])[0]
 
     def encode_batch(self, chunks):
-        """[encode(c) for c in chunks], faster on a training set: each merge is applied to all
-        chunks at once (numpy, as in fit), instead of a Python loop over every chunk's pairs. Merge
-        after merge in rank order is what encode's lowest-rank-first loop does too: a merge only
-        ever creates pairs of higher rank."""
+        """(N, H, D) chunks -> N lists of ids: the merges applied in the order fit learned them, each
+        to all chunks at once (numpy, as in fit). (minbpe applies the lowest-rank pair first, chunk
+        by chunk: the same ids, since a merge only ever creates pairs of higher rank.)"""
         if len(chunks) == 0:
             return []
         q = self.symbols(np.stack([self._check_chunk(c) for c in chunks]))  # (N, H * D)
@@ -1094,10 +1044,9 @@ class FASTTokenizer:
 
 
 class QuantileNorm:
-    """Invertible per-dimension normalisation (openpi, FAST [4]): the 1st..99th percentile of the
-    training data maps to [-1, 1]. Real robot actions and states are not in [-1, 1] (the toy's
-    are, so the toy runs without one). Nothing is clipped here, so `inverse` undoes it exactly;
-    FAST clips what falls outside. A constant dimension is only shifted."""
+    """Invertible per-dimension normalisation (openpi, FAST [4]): the training data's 1st..99th
+    percentile maps to [-1, 1], for real robot data (the toy's is in range). Nothing is clipped, so
+    `inverse` undoes it exactly; a constant dimension is only shifted."""
 
     def __init__(self, lo, hi):
         self.lo, self.hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)  # (D,) each
@@ -1163,19 +1112,14 @@ def paraphrase(text, rng):
                     for w in text.split())
 
 
-TRAIN_TASKS = task_splits()["train"]
-
-
 class PushEnv(gymnasium.Env):
     """A 2-D tabletop in [0, 1]^2: a round pusher, 3 coloured round blocks, 4 corner goal pads.
 
-    The blocks' positions are only in the image and the task only in the words, so a policy needs
-    vision and language. Action: pusher velocity in [-1, 1]^2 (times `speed` per step), clipped.
-    Physics is kinematic and deterministic: the pusher displaces blocks along the contact normal,
-    blocks displace blocks, walls clamp. `tasks` picks the (colour, corner) pairs that reset samples
-    (or pass options={"task": (colour, corner)}). Reward: minus the target block's distance to
-    its goal. terminated: success = the target's centre on its goal pad; truncated: after
-    max_episode_steps.
+    Block positions are only in the image, the task only in the words: a policy needs vision and
+    language. Action: pusher velocity in [-1, 1]^2 (times `speed` per step), clipped. Kinematic,
+    deterministic physics. `tasks`: the (colour, corner) pairs reset samples (or options={"task":
+    ...}). Reward: minus the target's distance to its goal; terminated: the target's centre on its
+    goal pad; truncated: after max_episode_steps.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
@@ -1242,11 +1186,8 @@ class PushEnv(gymnasium.Env):
         return self.observe(), -dist, success, truncated, {"success": success}
 
     def simulate(self, dp):
-        """The physics of one step, nothing else: the pusher moves by dp (2,), pushing what it
-        touches."""
-        # plain Python floats, not numpy: on 2-vectors numpy's per-call overhead is most of the
-        # time, and this is most of the data generation's time. The arithmetic is the same float64
-        # (same numbers as numpy's).
+        """The physics of one step: the pusher moves by dp (2,), pushing what it touches. In plain
+        Python floats: on 2-vectors numpy's per-call overhead would be most of the time."""
         rp, rb, clip = self.pusher_radius, self.block_radius, lambda v, r: min(max(v, r), 1 - r)
         p = [clip(v + d, rp) for v, d in zip(self.pusher.tolist(), dp.tolist())]
         bs = self.blocks.tolist()  # 3 x [x, y]
@@ -1306,14 +1247,10 @@ gymnasium.register(id="kivla/Push-v0", entry_point=PushEnv)
 
 
 def scripted_action(env, noise=0.0, rng=None):
-    """The scripted policy that demonstrates the task (a pushing oracle, Language Table style; not
-    to be confused with the action expert, the network): get behind the block, then push it to the
-    goal.
-
-    A plain function of the env's true state. Proportional control saturating at speed 1 keeps the
-    actions smooth (so the DCT compresses them). With noise > 0 it returns the clean action plus
-    Gaussian noise: the demo collector executes the noisy one and records the clean one (DART).
-    """
+    """The scripted policy that demonstrates the task (a pushing oracle on the env's true state, not
+    the action expert): get behind the block, then push it to the goal. Proportional control
+    saturating at speed 1 keeps the actions smooth (so the DCT compresses them). noise > 0: the
+    action through `dart`."""
     b, g, p = env.blocks[0], env.goal, env.pusher
     reach = env.pusher_radius + env.block_radius
     to_goal = g - b
@@ -1370,11 +1307,9 @@ def make_vqa(env, rng):
     """One (question, answer) about the env's current scene. Answers are word strings, except
     "where is" whose answer is a list of two state-bin ints (x, y). Half of the "where" questions
     name the block the way a robot instruction does ("push the red block to the top left corner
-    where is it"): the VLM learns to find the block an instruction names, in the instruction's own
-    words, as pointing data in a real VLA's co-training mix does (the corner in it is random: it is
-    not the answer). Corners in questions are said both ways ("top left" / "upper left"), and the
-    verbs push, shove and nudge appear in the same question: the only place a robot instruction's
-    unseen wording (SYNONYMS) is ever seen, as web text is for a real VLM."""
+    where is it"), as pointing data in a real VLA's mix does. Corners are said both ways ("top
+    left" / "upper left") and the verbs push, shove and nudge appear in questions: the only place
+    the unseen wording (SYNONYMS) is ever seen, as web text is for a real VLM."""
     # "where" carries the most grounding signal per question
     kind = rng.choice(4, p=[0.45, 0.2, 0.2, 0.15])
     i = int(rng.integers(3))
@@ -1426,11 +1361,9 @@ class Vocab:
 
     @classmethod
     def inside(cls, size, fast_vocab_size, state_bins=256, tokenizer=None, reserved=128):
-        """Inside a real VLM's vocabulary of `size` ids: words keep the low ids (or come from the
-        VLM's own `tokenizer`), and [state bins]["Action:" "Answer:" "|"][FAST] sit just below the
-        last `reserved` ids. openpi puts FAST into the last ids of PaliGemma's vocabulary but skips
-        its final 128 (special tokens, the image token among them), so no special token is ever
-        overwritten."""
+        """Inside a real VLM's vocabulary of `size` ids: words keep the low ids (or come from its
+        `tokenizer`); [state bins]["Action:" "Answer:" "|"][FAST] sit just below the last `reserved`
+        ids, as openpi skips PaliGemma's final 128 (special tokens): none is overwritten."""
         v = cls(fast_vocab_size, state_bins)
         v.size, v.tokenizer, v.fast_offset = size, tokenizer, size - reserved - fast_vocab_size
         v.action, v.answer, v.eos = range(v.fast_offset - 3, v.fast_offset)
@@ -1464,12 +1397,7 @@ class Vocab:
 # ------------------------------------------------------------------------------------------------
 
 
-# Optional: needs `pip install transformers` (>= 5), imported only here. Everything above works
-# unchanged:
-#   from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-#   hf = PaliGemmaForConditionalGeneration.from_pretrained("google/paligemma-3b-pt-224")
-#   tokenizer = AutoProcessor.from_pretrained("google/paligemma-3b-pt-224").tokenizer
-#   model = KIVLA(cfg, fast_tokenizer, backbone=HFBackbone(hf, tokenizer))
+# Optional: `pip install transformers` (>= 5), imported only here (README: "Using a real VLM").
 
 class HFBackbone(nn.Module):
     """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own
@@ -1554,11 +1482,8 @@ class HFBackbone(nn.Module):
 
 
 def tiny_paligemma(cfg, fast_vocab_size):
-    """A small, randomly initialised PaliGemma built from a config in code (no download, no hub),
-    shaped like the toy: SigLIP with cfg's image size, patch size, width and depth; Gemma with
-    cfg's width, depth, heads and head size, and Gemma 2B's single key/value head unless
-    cfg.n_kv_head says otherwise. Its vocabulary is just big enough for the toy's words, state
-    bins, markers, FAST ids and the 128 reserved ids."""
+    """A small random PaliGemma built in code (no hub), shaped like the toy's cfg, with Gemma 2B's
+    single key/value head unless cfg.n_kv_head says otherwise, and a vocabulary just big enough."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
     V = len(SPECIALS) + len(WORDS) + cfg.state_bins + 3 + fast_vocab_size + 128
     vision = dict(model_type="siglip_vision_model", hidden_size=cfg.vit_width,
