@@ -2,6 +2,7 @@
 Write the student's copy of kivla: every exercise body blanked, the hidden tests gone.
 
     python tools/make_assignment.py DIR
+    python tools/make_assignment.py --check-blank DIR/grades.xml   (CI: a fresh copy's grades)
 
 Copies the repository's tracked files (`git ls-files`) into DIR, a new folder. In every Python file:
   - a body between "### BEGIN SOLUTION: exercise N, <title>" and "### END SOLUTION" becomes
@@ -10,6 +11,8 @@ Copies the repository's tracked files (`git ls-files`) into DIR, a new folder. I
     show a classic mistake fails an exercise: they hold near-answers).
 Nothing of either remains, markers included (the same convention as nbgrader's). Grade with
 `python -m pytest -q -k exercise` in DIR (`--junitxml=grades.xml`: one pass/fail per test).
+`--check-blank` reads a fresh copy's `pytest -k exercise --junitxml` report and fails unless every
+exercise test failed with its own NotImplementedError: the copy asks for each exercise and hides none.
 Standard library only.
 """
 
@@ -18,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLUTION = re.compile(r"^(\s*)### BEGIN SOLUTION: exercise (\d+), (.+?)\s*$")
@@ -56,7 +60,30 @@ def tracked_files():
     return [p for p in out.stdout.decode().split("\0") if p]
 
 
+def check_blank(report):
+    """1 unless every test_exercise[N] in the junit report failed with Exercise N's NotImplementedError."""
+    try:
+        cases = {c.get("name"): c for c in ET.parse(report).iter("testcase")}
+    except (OSError, ET.ParseError) as e:
+        raise SystemExit(f"error: {report} is not a readable junit report: {e}")
+    numbers = sorted(int(n[len("test_exercise["):-1]) for n in cases if n.startswith("test_exercise["))
+    bad = [n for n in cases if "exercise" in n and not n.startswith("test_exercise[")]
+    for n in numbers:
+        fail = cases[f"test_exercise[{n}]"].find("failure")
+        text = "" if fail is None else fail.get("message", "") + (fail.text or "")
+        ok = f"NotImplementedError: Exercise {n}:" in text
+        print(f"student copy: exercise {n} " + ("fails with its own NotImplementedError" if ok else
+                                                 "does NOT fail with its own NotImplementedError"))
+        bad += [] if ok else [n]
+    if bad or not numbers:
+        print(f"error: the student copy is not blank: {bad or 'no exercise tests'}")
+        return 1
+    return 0
+
+
 def main(argv):
+    if len(argv) == 2 and argv[0] == "--check-blank":
+        return check_blank(argv[1])
     if len(argv) != 1 or argv[0].startswith("-"):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2

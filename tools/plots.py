@@ -1,0 +1,138 @@
+"""
+tools/plots.py: the pictures a run draws (PIL only, no matplotlib): curves.png, interference.png and
+rollouts.gif; tools/compare.py draws compare.png with the same palette. Imported by train_toy.py.
+"""
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# one colour per row of a figure (variants, losses, rates), in this order everywhere
+PALETTE = [(30, 150, 60), (200, 60, 40), (40, 90, 200), (150, 60, 160), (120, 200, 130),
+           (240, 150, 130)]
+GREEN, RED, BLUE = PALETTE[:3]
+
+
+def color(i):
+    return PALETTE[i % len(PALETTE)]
+
+
+def draw_curves(history, path, size=(760, 320)):
+    """Left: CE and flow loss (log scale, moving average of 10 logs); right: success, teacher-forced
+    FAST token accuracy and first-action error on held-out states vs step."""
+    img = Image.new("RGB", size, "white")
+    dr = ImageDraw.Draw(img)
+    W, H, L, T, B = size[0] // 2, size[1], 42, 24, 28  # panel width, height; left, top, bottom
+    xmax = max([r["step"] for r in history["train"] + history["eval"]] + [1])
+    tr, ev = history["train"], history["eval"]
+    k = max(1, min(10, len(tr) // 4))  # moving average over k logs (a short run: still a line)
+
+    def smooth(key):
+        if not tr:
+            return [], np.ones(0)
+        ys = np.convolve([max(r[key], 1e-4) for r in tr], np.ones(k) / k, "valid")
+        return [r["step"] for r in tr][k - 1:], ys
+
+    def rate(key):
+        ok = [r for r in ev if np.isfinite(r[key])]
+        return [r["step"] for r in ok], [min(r[key], 1.0) for r in ok]
+
+    series = [[("ce_loss", RED, *smooth("ce_loss")), ("flow_loss", BLUE, *smooth("flow_loss"))],
+              [(key, c, *rate(key)) for key, c in (("success", GREEN), ("fast_token_acc", RED),
+                                                   ("first_action_mse", BLUE))]]
+    for p, panel in enumerate(series):
+        x0, log = p * W, p == 0
+        vals = np.concatenate([np.log10(v) if log else np.asarray(v, float) for *_, v in panel]
+                              + [[0.0]])
+        lo, hi = (math.floor(vals.min()), math.ceil(vals.max() + 1e-9)) if log else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1
+        X = lambda s: x0 + L + s / xmax * (W - L - 10)  # noqa: E731
+        Y = lambda v: T + (hi - v) / (hi - lo) * (H - T - B)  # noqa: E731
+        dr.rectangle([x0 + L, T, x0 + W - 10, H - B], outline=(150, 150, 150))
+        for tick in range(int(lo), int(hi) + 1) if log else (0.0, 0.5, 1.0):
+            dr.text((x0 + 4, Y(tick) - 6), f"1e{tick}" if log else f"{tick:.1f}", fill="black")
+        dr.text((x0 + L, 6), "training loss (log)" if log
+                else "held-out: success, FAST acc, 1st-action err", fill="black")
+        dr.text((x0 + W - 90, H - B + 8), f"step {xmax}", fill="black")
+        for i, (name, c, steps, v) in enumerate(panel):
+            ys = np.log10(v) if log else np.asarray(v, float)
+            pts = [(X(s), Y(y)) for s, y in zip(steps, ys)]
+            if len(pts) > 1:
+                dr.line(pts, fill=c, width=2)
+            for q in pts if not log else []:
+                dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
+            legend_y = T + 6 + (14 * i if log else 0.3 * (H - T - B) + 14 * i)  # rates: mid-height
+            dr.text((x0 + W - 120, legend_y), name, fill=c)
+    img.save(path)
+
+
+def draw_interference(rows, path, size=(900, 560)):
+    """interference.png: what the flow loss does to the VLM, rows side by side (mean over seeds).
+    rows: [(name, [history["vlm"] of each seed])]. Top: the gradient norms the flow term (thick) and
+    the CE (thin) send into the VLM (log; an exact 0, ki's stop-gradient, sits on the floor), and
+    their cosine. Bottom: the training weights' VQA accuracy and linear-probe accuracy (the
+    knowledge the flow term could erode)."""
+    img = Image.new("RGB", size, "white")
+    dr = ImageDraw.Draw(img)
+    W, H, L, T, B = size[0] // 2, (size[1] - 20) // 2, 46, 22, 24
+    xmax = max([r["step"] for _, hs in rows for h in hs for r in h] + [1])
+    mean = lambda hs, k: np.mean([[r[k] for r in h] for h in hs], 0)  # noqa: E731  (same steps)
+    floor = -5.0  # log10 of the smallest norm drawn; 0 is drawn there
+    panels = [("gradient norm into the VLM: flow (thick), CE (thin); log", ("flow_grad", "ce_grad"),
+               True),
+              ("cosine(CE gradient, flow gradient)", ("grad_cos",), False),
+              ("VQA accuracy (training weights)", ("vqa_acc",), False),
+              ("linear-probe accuracy (training weights)", ("probe_acc",), False)]
+    for p, (title, keys, log) in enumerate(panels):
+        x0, y0 = (p % 2) * W, 20 + (p // 2) * H
+        if log:
+            vals = [np.log10(np.maximum(mean(hs, k), 10 ** floor)) for _, hs in rows for k in keys]
+            lo, hi = floor, max(math.ceil(max(v.max() for v in vals) + 1e-9), floor + 1)
+        else:
+            lo, hi = (-1.0, 1.0) if keys == ("grad_cos",) else (0.0, 1.0)
+        X = lambda st: x0 + L + st / xmax * (W - L - 10)  # noqa: E731
+        Y = lambda v: y0 + T + (hi - v) / (hi - lo) * (H - T - B)  # noqa: E731
+        dr.rectangle([x0 + L, y0 + T, x0 + W - 10, y0 + H - B], outline=(150, 150, 150))
+        for tick in range(int(lo), int(hi) + 1, 2) if log else (lo, (lo + hi) / 2, hi):
+            label = ("0" if tick == floor else f"1e{tick}") if log else f"{tick:.1f}"
+            dr.text((x0 + 4, Y(tick) - 6), label, fill="black")
+        dr.text((x0 + L, y0 + 6), title, fill="black")
+        dr.text((x0 + W - 90, y0 + H - B + 8), f"step {xmax}", fill="black")
+        for i, (name, hs) in enumerate(rows):
+            steps = [r["step"] for r in hs[0]]
+            for j, k in enumerate(keys):
+                v = mean(hs, k)
+                v = np.log10(np.maximum(v, 10 ** floor)) if log else v
+                pts = [(X(st), Y(y)) for st, y in zip(steps, v)]
+                if len(pts) > 1:
+                    dr.line(pts, fill=color(i), width=3 if j == 0 else 1)
+                for q in pts:
+                    dr.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=color(i))
+    head = "what the flow loss sends into the VLM, and what the VLM keeps (mean over seeds):"
+    dr.text((8, 4), head, fill="black")
+    x = 8 + dr.textlength(head) + 8
+    for i, (name, _) in enumerate(rows):  # the legend: each row's name in its colour
+        dr.text((x, 4), name, fill=color(i))
+        x += dr.textlength(name) + 12
+    img.save(path)
+
+
+def write_gif(episodes, path):
+    """rollouts.gif: [(frames, instruction, success)] one after another, each captioned with its
+    instruction and, on its last frame, SUCCESS or failed."""
+    if not episodes:
+        return
+    frames = []
+    for ep_frames, instruction, success in episodes:
+        for t, f in enumerate(ep_frames):
+            img = Image.fromarray(f).convert("RGB")
+            dr = ImageDraw.Draw(img)
+            dr.rectangle([0, 0, img.width, 14], fill="white")
+            dr.text((3, 2), instruction, fill="black")
+            if t == len(ep_frames) - 1:
+                dr.text((3, img.height - 14), "SUCCESS" if success else "failed",
+                        fill=(0, 140, 0) if success else (200, 0, 0))
+            frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # faster than save()'s
+        frames.extend([frames[-1]] * 5)  # hold the last frame
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
