@@ -71,7 +71,7 @@ VARIANTS = ("ki", "joint", "pi0", "fast")
 class Config:
     variant: str = "ki"         # ki: CE(FAST)+flow, stop-gradient | joint: same, no stop-gradient
                                 # pi0: flow only, no FAST tokens | fast: CE(FAST) only, AR decoding
-    flow_weight: float = 10.0   # alpha in  loss = CE + alpha * flow-MSE, as in pi0.5 [3] (0 allowed)
+    flow_weight: float = 10.0   # alpha in loss = CE + alpha * flow-MSE, as in pi0.5 [3] (0 allowed)
     action_horizon: int = 10    # H, actions per chunk
     action_dim: int = 2         # A
     image_size: int = 64        # S, must match the env's observation
@@ -166,7 +166,7 @@ def flow_target(noise, actions, tau):
     """Flow matching's training pair [5] (pi0's convention): x_tau on the straight path from the
     actions (tau = 0) to the noise (tau = 1), and its velocity u = d x_tau / d tau, the target the
     action expert learns. Exercise 4: noise, actions (B, H, A); tau (B,) -> x_tau, u, (B, H, A)
-    each. e.g. noise 1, actions 3, tau 0.25 -> x_tau 2.5 (a quarter of the way to the noise), u -2."""
+    each. e.g. noise 1, actions 3, tau 0.25 -> x_tau 2.5 (a quarter of the way to noise), u -2."""
     ### BEGIN SOLUTION: exercise 4, the flow pair
     t = tau[:, None, None]  # (B, 1, 1)
     return t * noise + (1 - t) * actions, noise - actions
@@ -295,7 +295,7 @@ class KIVLA(nn.Module):
         actions = batch["actions"]  # (B, H, A)
         noise = torch.randn_like(actions) if noise is None else noise.to(actions.device)  # (B,H,A)
         tau = sample_tau(len(actions), actions.device) if time is None else time.to(actions.device)
-        x_tau, u = flow_target(noise, actions, tau)  # (B, H, A) each: a point on the path, its speed
+        x_tau, u = flow_target(noise, actions, tau)  # (B, H, A) each: a point, its velocity
         velocity = self._expert(x_tau, tau, kv, prefix_valid)  # (B, H, A)
         # mean over the robot rows (VQA rows: no actions)
         flow = masked_mean(((velocity.float() - u) ** 2).mean((1, 2)), batch["has_actions"])
@@ -370,7 +370,7 @@ class KIVLA(nn.Module):
     @torch.no_grad()
     def generate_fast_actions(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
         """pi0-FAST inference on the same model: greedy AR decoding of FAST tokens after "Action:",
-        then FAST's decode -> actions (B, H, A), valid (B,). stop_at_eos=False: max_tokens always."""
+        then FAST's decode -> actions (B, H, A), valid (B,). stop_at_eos=False: max_tokens."""
         return self.decode_fast_tokens(
             self.generate_fast_tokens(batch, max_tokens, use_cache, stop_at_eos))
 
@@ -755,7 +755,7 @@ def rms_norm(x, weight):
 
 def rope_angles(pos, head_dim, theta=10000.0):
     """Rotary position embedding (RoFormer) for positions (T,) -> cos, sin, each (T, hs), shared by
-    every layer; HF Gemma's frequencies. sin carries the sign ([-sin | sin]): rope() is x*cos + ..."""
+    every layer; HF Gemma's frequencies. sin carries the sign ([-sin | sin])."""
     half = head_dim // 2
     freqs = 1.0 / (theta ** (torch.arange(half, device=pos.device, dtype=torch.float32) / half))
     ang = pos.to(torch.float32)[:, None] * freqs[None]  # (T, hs/2)
@@ -994,9 +994,9 @@ class FASTTokenizer:
         return self.encode_batch([chunk])[0]
 
     def encode_batch(self, chunks):
-        """(N, H, D) chunks -> N lists of ids: the merges applied in the order fit learned them, each
-        to all chunks at once (numpy, as in fit). (minbpe applies the lowest-rank pair first, chunk
-        by chunk: the same ids, since a merge only ever creates pairs of higher rank.)"""
+        """(N, H, D) chunks -> N lists of ids: the merges applied in the order fit learned them,
+        each to all chunks at once (numpy, as in fit). minbpe applies the lowest-rank pair first,
+        chunk by chunk: the same ids, since a merge only ever creates pairs of higher rank."""
         if len(chunks) == 0:
             return []
         q = self.symbols(np.stack([self._check_chunk(c) for c in chunks]))  # (N, H * D)
@@ -1274,7 +1274,8 @@ def scripted_action(env, noise=0.0, rng=None):
     n = np.linalg.norm(v)
     v = v / n if n > 1.0 else v
     if noise > 0:
-        return dart(v, noise, rng if rng is not None else np.random.default_rng()).astype(np.float32)
+        rng = rng if rng is not None else np.random.default_rng()
+        return dart(v, noise, rng).astype(np.float32)
     return np.clip(v, -1.0, 1.0).astype(np.float32)
 
 

@@ -1483,6 +1483,18 @@ def test_exercise(n):
      check_exercise_6][n - 1]()
 
 
+def test_train_toy_stops_at_once_naming_the_lowest_unwritten_one_in_a_student_copy(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tools"))
+    import make_assignment
+    assert train_toy.exercises_left() == []  # the reference: every body written
+    student = tmp_path / "kivla.py"
+    student.write_text(make_assignment.blank(open(kivla.__file__).read())[0])
+    monkeypatch.setattr(kivla, "__file__", str(student))
+    assert [n for n, _ in train_toy.exercises_left()] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(SystemExit, match=r"exercise 1 \(FAST's front end\) is not written yet \(6 left\)"):
+        train_toy.main(["--quick", f"--out_dir={tmp_path}"])
+
+
 ### BEGIN HIDDEN TESTS
 MISTAKES = {  # exercise -> (what, the attribute the model calls, a wrong version built from the right one)
     1: ("FAST's order reversed (dimension first)", (kivla.FASTTokenizer, "symbols"),

@@ -12,7 +12,7 @@ Copies the repository's tracked files (`git ls-files`) into DIR, a new folder. I
 Nothing of either remains, markers included (the same convention as nbgrader's). Grade with
 `python -m pytest -q -k exercise` in DIR (`--junitxml=grades.xml`: one pass/fail per test).
 `--check-blank` reads a fresh copy's `pytest -k exercise --junitxml` report and fails unless every
-exercise test failed with its own NotImplementedError: the copy asks for each exercise and hides none.
+exercise test failed with its own NotImplementedError: the copy asks for every exercise, hides none.
 Standard library only.
 """
 
@@ -61,12 +61,12 @@ def tracked_files():
 
 
 def check_blank(report):
-    """1 unless every test_exercise[N] in the junit report failed with Exercise N's NotImplementedError."""
+    """1 unless every test_exercise[N] of the junit report failed with its NotImplementedError."""
     try:
         cases = {c.get("name"): c for c in ET.parse(report).iter("testcase")}
     except (OSError, ET.ParseError) as e:
         raise SystemExit(f"error: {report} is not a readable junit report: {e}")
-    numbers = sorted(int(n[len("test_exercise["):-1]) for n in cases if n.startswith("test_exercise["))
+    numbers = sorted(int(n[14:-1]) for n in cases if n.startswith("test_exercise["))  # [N]
     bad = [n for n in cases if "exercise" in n and not n.startswith("test_exercise[")]
     for n in numbers:
         fail = cases[f"test_exercise[{n}]"].find("failure")
