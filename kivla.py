@@ -27,7 +27,7 @@ The file, top down (Python resolves names when a function runs, so the method co
   8. FAST                   FASTTokenizer (DCT -> scale & round -> low frequency first -> BPE)
   9. The toy world          PushEnv (kivla/Push-v0), scripted_action, make_vqa, Vocab
  10. HFBackbone             a HuggingFace PaliGemma behind the same interface (optional)
-Exercises (docs/course.md): six marked bodies, the student's copy raises NotImplementedError there.
+Exercises (docs/course.md): nine marked bodies of six exercises; a student's copy raises there.
 
 Notation: B batch, S image side, Ti image tokens, Tt text tokens, Tp prefix tokens (Ti + Tt +
 state_dim), Ts suffix tokens, H action horizon, A action dim, D width, nh heads, nkv key/value
@@ -611,8 +611,8 @@ def prefix_valid(batch, n_image_tokens):
 
 
 class ToyStem(nn.Module):
-    """The ViT's conv stem [6] with the toy's two TOY-SCALE DEVIATIONS (README "Toy-scale
-    deviations"), both switchable. A real VLA's SigLIP arrives pre-trained; this one learns from
+    """The ViT's conv stem [6] with the toy's two TOY-SCALE CHOICES (README "Toy-scale
+    choices"), both switchable. A real VLA's SigLIP arrives pre-trained; this one learns from
     scratch in a few thousand steps, so:
       - CoordConv [8] (coord_stem): two input channels hold each pixel's x and y. Convs are
         translation-equivariant, but every answer and action here needs absolute position
@@ -869,8 +869,7 @@ def gate(branch, ada):
 
 
 def dct_matrix(n):
-    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x, x = C.T @ coef
-    (scipy norm="ortho")."""
+    """Orthonormal DCT-II as an (n, n) matrix C: coef = C @ x (scipy's norm="ortho")."""
     k = np.arange(n)[:, None]
     t = np.arange(n)[None, :]
     c = np.sqrt(2.0 / n) * np.cos(np.pi * (t + 0.5) * k / n)
@@ -1398,7 +1397,7 @@ class Vocab:
 # ------------------------------------------------------------------------------------------------
 
 
-# Optional: `pip install transformers` (>= 5), imported only here (README: "Using a real VLM").
+# Optional: `pip install transformers` (>= 5), imported only here (README: "A real VLM").
 
 class HFBackbone(nn.Module):
     """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own

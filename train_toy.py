@@ -123,8 +123,8 @@ def make_parser(prog="train_toy.py", description=__doc__):
     add(g, "patch_size", C.patch_size, "-> (64 / patch)^2 image tokens: few keep the CPU budget")
     add(g, "vit_stem", C.vit_stem, "conv: 3x3 stride-2 convs | patchify: one conv",
         one_of("conv", "patchify"))
-    add(g, "film_stem", C.film_stem, "toy-scale deviation: the words FiLM-modulate the conv stem")
-    add(g, "coord_stem", C.coord_stem, "toy-scale deviation: x, y coordinate channels beside RGB")
+    add(g, "film_stem", C.film_stem, "toy-scale choice: the words FiLM-modulate the conv stem")
+    add(g, "coord_stem", C.coord_stem, "toy-scale choice: x, y coordinate channels beside RGB")
     add(g, "qk_norm", C.qk_norm, "RMSNorm on every head's queries and keys (as in Gemma 3)")
     add(g, "vit_width", C.vit_width, "ViT width (SigLIP analog)")
     add(g, "vit_layers", C.vit_layers, "ViT transformer blocks after the conv stem")
@@ -995,7 +995,7 @@ def exercises_left():
 
 def main(argv):
     left = exercises_left()
-    if left:
+    if left and not {"-h", "--help"} & set(argv):
         raise SystemExit(f"error: kivla.py's exercise {left[0][0]} ({left[0][1]}) is not written yet "
                          f"({len(left)} left): docs/course.md; check: python -m pytest -q -k exercise")
     s, cfg = start(argv)
