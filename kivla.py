@@ -1,12 +1,10 @@
 """
 kivla: a Knowledge-Insulated Vision-Language-Action model (Driess et al. 2025 [1]) in one file.
 
-A VLM backbone (a small ViT + a decoder-only transformer) learns robot actions as discrete FAST
-tokens [4] with next-token cross-entropy; beside it a smaller action expert learns continuous
-action chunks with flow matching [5]. The expert reads the backbone's per-layer keys/values through
-a stop-gradient, so its randomly initialised weights never push gradients into the backbone: the
-knowledge insulation. At inference the prefix is encoded once and the expert integrates 10 Euler
-steps: no token-by-token decoding.
+A VLM backbone (a small ViT + a decoder-only transformer) learns robot actions as FAST tokens [4]
+by next-token cross-entropy; a smaller action expert learns continuous action chunks by flow
+matching [5], reading the backbone's per-layer keys/values through a stop-gradient: the knowledge
+insulation. At inference the prefix is encoded once and the expert takes 10 Euler steps.
 
       prefix: bidirectional                     suffix: causal
   [ image (Ti) | instruction (Tt) | state (2) ][ "Action:" fast_tokens ... "|" ]   <- backbone (VLM)
@@ -174,8 +172,7 @@ def flow_target(noise, actions, tau):
 
 
 def _eager():
-    """False while torch.compile traces or a CUDA graph captures: checks that read a value back to
-    Python (a host sync) run only in eager mode."""
+    """False while torch.compile traces or a CUDA graph captures (no host syncs then)."""
     return not torch.compiler.is_compiling() and not (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -203,12 +200,9 @@ class KIVLA(nn.Module):
     __doc__ = "The KI vision-language-action model. Batch keys (from make_batch):\n" + BATCH_KEYS
 
     def __init__(self, cfg, fast_tokenizer, action_norm=None, state_norm=None, backbone=None):
-        """action_norm / state_norm: QuantileNorm fit on the training data, or None where the data
-        already lives in [-1, 1] (actions) and [0, 1] (state), as the toy's does. make_batch applies
-        them, the samplers undo the action one, checkpoints store both.
-        backbone: None builds the toy VLM from cfg; or an HFBackbone (a real VLM). The action expert
-        is then built to match it (its layers, heads, key/value heads, head size and RoPE base
-        replace cfg's)."""
+        """action_norm / state_norm: QuantileNorm of the training data, or None if it is in range
+        (the toy's): make_batch applies them, the samplers undo the action one, checkpoints too.
+        backbone: None builds the toy VLM; an HFBackbone (a real VLM) sets the expert's shapes."""
         super().__init__()
         assert fast_tokenizer.H == cfg.action_horizon and fast_tokenizer.D == cfg.action_dim, (
             f"FAST tokenizer was fit on ({fast_tokenizer.H}, {fast_tokenizer.D}) chunks but the "
@@ -254,9 +248,7 @@ class KIVLA(nn.Module):
     def compute_loss(self, batch, noise=None, time=None):
         """The KI loss [1]: loss = CE(FAST + VQA answer tokens) + flow_weight * flow-MSE, per
         cfg.variant. noise (B, H, A) and time (B,) may be given (tests); otherwise sampled.
-        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (read them with .item() when you
-        log: reading one waits for the device, so the training loop does it every few steps, not
-        every step)."""
+        -> loss, {"loss", "ce_loss", "flow_loss"} as 0-d tensors (.item() waits for the device)."""
         ce, flow = self.loss_terms(batch, noise, time)
         ### BEGIN SOLUTION: exercise 5, the KI loss
         loss = ce + self.cfg.flow_weight * flow if self.cfg.use_flow else ce
@@ -278,8 +270,7 @@ class KIVLA(nn.Module):
         # 1) one backbone pass over [prefix | suffix]; the expert reads the prefix part of its KV
         ### BEGIN SOLUTION: exercise 5, the KI loss
         h, kv, prefix_valid = self.forward_vlm(batch)  # h: (B, Ts, D)
-        # 2) next-token cross-entropy on FAST tokens and VQA answers: this is how the backbone
-        #    learns actions
+        # 2) next-token cross-entropy on FAST tokens and VQA answers: how the VLM learns actions
         logits = self.backbone.lm_head(h).float()  # (B, Ts, V)
         ce = F.cross_entropy(logits.flatten(0, 1), batch["suffix_target"].flatten(),
                              reduction="none")  # (B * Ts,)
@@ -308,9 +299,8 @@ class KIVLA(nn.Module):
 
     # -- the backbone boundary (see Backbone's docstring: the toy VLM and HFBackbone both fit it)
     def backbone_prefix_kv(self, batch):
-        """What the action expert reads: per-layer [(k, v)] over the prefix, each
-        (B, n_kv_head, Tp, head_dim) with RoPE applied at positions 0..Tp-1, and prefix_valid
-        (B, Tp)."""
+        """What the action expert reads: per-layer [(k, v)] over the prefix, each (B, nkv, Tp, hs)
+        with RoPE applied at positions 0..Tp-1, and prefix_valid (B, Tp)."""
         _, kv, valid = self.encode_prefix(batch)
         return kv, valid
 
@@ -334,8 +324,7 @@ class KIVLA(nn.Module):
 
     def _expert(self, x_tau, tau, kv, prefix_valid):
         Tp, H = prefix_valid.shape[1], x_tau.shape[1]
-        # subtle: the expert's positions follow the prefix as if no FAST tokens existed (at
-        # inference none do): numbering them after the FAST tokens would shift train from test
+        # subtle: the positions follow the prefix as if no FAST token existed (at inference none do)
         pos = torch.arange(Tp, Tp + H, device=x_tau.device)
         return self.action_expert(x_tau, tau, kv, prefix_valid, pos)
 
@@ -377,8 +366,7 @@ class KIVLA(nn.Module):
     @torch.no_grad()
     def generate_fast_tokens(self, batch, max_tokens=None, use_cache=True, stop_at_eos=True):
         """The greedy decoding loop alone -> token ids (B, n). With stop_at_eos=False its shapes are
-        fixed and it never reads a value back to Python, so it can be captured as one CUDA graph
-        (tools/speed.py)."""
+        fixed and it never syncs the host: one CUDA graph can capture it (tools/speed.py)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         vocab, dev = self.vocab, self.device
         max_tokens = max_tokens or self.cfg.suffix_len
@@ -430,9 +418,8 @@ class KIVLA(nn.Module):
 
     # -- data -----------------------------------------------------------------------------------
     def make_batch(self, observations, actions=None):
-        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors
-        (see BATCH_KEYS). An observation with an "answer" key is a VQA row: its answer (words, or a
-        list of state-bin ints) becomes the suffix and it gets no action loss."""
+        """Env observation dicts (+ (B, H, A) action chunks) -> dict of CPU tensors (BATCH_KEYS).
+        A row with an "answer" (words, or state-bin ints) is VQA: the answer is its suffix."""
         cfg, vocab = self.cfg, self.vocab
         B, Tt, Ts = len(observations), cfg.text_len, cfg.suffix_len
         if actions is not None:
@@ -493,17 +480,15 @@ class KIVLA(nn.Module):
     def save(self, path, **extra):
         norms = {k: n.state_dict() for k, n in (("action_norm", self.action_norm),
                                                 ("state_norm", self.state_norm)) if n}
-        # enough to rebuild the VLM's architecture; weights are in "model"
-        if isinstance(self.backbone, HFBackbone):
+        if isinstance(self.backbone, HFBackbone):  # its architecture; the weights are in "model"
             extra["hf_backbone"] = self.backbone.architecture()
         torch.save({"model": self.state_dict(), "config": asdict(self.cfg),
                     "fast_tokenizer": self.fast_tokenizer.state_dict(), **norms, **extra}, path)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", tokenizer=None, **overrides):
-        """Rebuild a model, tokenizers included, from a checkpoint (loads with weights_only=True).
-        tokenizer: the VLM's text tokenizer, for a checkpoint trained with one (it is not
-        stored)."""
+        """Rebuild a model, tokenizers included, from a checkpoint (weights_only=True). tokenizer:
+        the VLM's text tokenizer, for a checkpoint trained with one (it is not stored)."""
         ck = torch.load(path, map_location=device, weights_only=True)
         norms = {k: QuantileNorm(**ck[k]) for k in ("action_norm", "state_norm") if k in ck}
         backbone = (HFBackbone.from_architecture(ck["hf_backbone"], tokenizer)
@@ -552,8 +537,7 @@ def expert_mask(prefix_valid, H):
 
 
 class Backbone(nn.Module):
-    """The toy VLM (PaliGemma analog): the ViT above + a decoder-only transformer over
-    [prefix | suffix].
+    """The toy VLM (PaliGemma analog): the ViT + a decoder-only transformer over [prefix | suffix].
 
     This is THE interface between the VLM and the rest of kivla; `HFBackbone` (section 10)
     implements the same five things for a HuggingFace PaliGemma, and nothing else in KIVLA looks
@@ -636,10 +620,8 @@ class ToyStem(nn.Module):
             chans = [c_in, w]
             self.convs = nn.ModuleList([nn.Conv2d(c_in, w, cfg.patch_size, cfg.patch_size)])
         self.hidden = chans[1:-1]  # the channels FiLM modulates (every conv's output but the last)
-        # a plain Parameter (not an nn.Embedding) so that the model's std-0.02 init leaves it
-        # alone: a strong random FiLM from the start (std 0.3) lets colour words change the image
-        # tokens at once
-        # (n_words, 2 * sum(hidden)): a (gain, bias) per channel
+        # (n_words, 2 * sum(hidden)): a (gain, bias) per channel; a Parameter, not an nn.Embedding:
+        # the std-0.02 init leaves it, and a strong FiLM (std 0.3) lets colour words act at once
         self.film = nn.Parameter(0.3 * torch.randn(n_words, 2 * sum(self.hidden))) \
             if cfg.film_stem and self.hidden else None
 
@@ -648,12 +630,9 @@ class ToyStem(nn.Module):
         if self.coord:
             B, S = x.shape[:2]
             c = torch.linspace(-1, 1, S, device=x.device)
-            # (S, S, 2): x left to right, y top to bottom
-            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)
+            xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)  # (S, S, 2): x, y
             x = torch.cat([x, xy.expand(B, S, S, 2)], -1)  # (B, S, S, 5): RGB | x | y
-        # (B, C, S, S) as a view of the (B, S, S, C) memory: "channels last", the layout the CPU's
-        # conv kernels (oneDNN) run fastest on: the stem's convolutions are the largest single
-        # cost of a CPU training step
+        # a view of the (B, S, S, C) memory: "channels last", what CPU conv kernels run fastest
         x = x.permute(0, 3, 1, 2)  # (B, C, S, S), C = 5 (or 3 without CoordConv)
         if self.film is not None:
             # (B, Tt, 1): the mean of the real words' FiLM vectors
@@ -790,9 +769,8 @@ class Block(nn.Module):
         # the action expert's: conditioned on tau
         self.ada = AdaRMS(cond_dim, width) if cond_dim else None
         # QK-norm [9]: each head's queries and keys are RMS-normalised, so attention logits start at
-        # about unit size instead of ~0 (std-0.02 weights). Without it, a from-scratch toy VLM's
-        # attention can stay uniform for its whole pretraining: no image question rises above
-        # chance (the grounding plateau).
+        # about unit size instead of ~0 (std-0.02 weights). Without it a from-scratch toy VLM's
+        # attention can stay uniform all pretraining: the grounding plateau (VQA at chance).
         self.q_norm, self.k_norm = ((RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm
                                     else (None, None))
 
@@ -807,11 +785,9 @@ class Block(nn.Module):
     def forward(self, x, rot=None, mask=None, past_kv=None, cond=None):
         """x (B, T, W) -> x (B, T, W), and (k, v) of these T tokens, each (B, nkv, T, hs).
         rot: (cos, sin) from rope_angles, or None (the ViT: no positions).
-        mask: bool (B, 1, T, Tpast + T), True = may attend ((B, 1, 1, Tpast + T) broadcasts: the
-        expert, decoding).
-        past_kv: keys/values that come before this block's own: the backbone's KV cache, or, for
-        the action expert, the backbone's prefix keys/values of the same layer (the mixture of
-        transformers).
+        mask: bool (B, 1, T or 1, Tpast + T), True = may attend.
+        past_kv: keys/values before this block's own: the backbone's KV cache, or, for the action
+        expert, the backbone's prefix keys/values of the same layer (the mixture of transformers).
         cond: (B, C) adaRMSNorm condition (the expert's flow time), or None (plain RMSNorm)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
@@ -824,11 +800,9 @@ class Block(nn.Module):
         q, k = self.norm_and_rotate(qk, rot).split([nh, nkv], 1)  # QK-norm [9] and RoPE
         keys, values = k, v
         # the expert: its keys = [backbone's prefix K_l ; own K] (and the same for V)
-        if past_kv is not None:
-            # (B, nkv, Tpast + T, hs)
+        if past_kv is not None:  # (B, nkv, Tpast + T, hs)
             keys, values = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
-        # grouped-query attention (Gemma 2B: 8 query heads share 1 key/value head) when nkv < nh
-        # (B, nh, T, hs)
+        # (B, nh, T, hs); grouped-query attention when nkv < nh (Gemma 2B: 8 query heads, 1 kv)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=nkv < nh)
         a = self.proj(a.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, W)
         x = x + gate(a, ada1)
@@ -878,10 +852,8 @@ def dct_matrix(n):
 
 
 class FASTTokenizer:
-    """Frequency-space Action Sequence Tokenizer [4], from scratch in numpy.
-
-    Actions are expected in about [-1, 1] (the toy's velocity actions are); anything outside is
-    clipped before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H),
+    """Frequency-space Action Sequence Tokenizer [4], in numpy. Actions are clipped to [-1, 1]
+    before the DCT. Because the DCT is orthonormal, |coef| <= sqrt(H) * max|x| <= sqrt(H),
     so the base alphabet [-M, M] with M = round(scale * sqrt(H)) holds every coefficient of every
     in-range chunk: nothing in range is ever clamped, even coefficients never seen in `fit`.
     Ids: [0, 2M] are base symbols (coefficient q -> q + M), then one id per learned BPE merge.
@@ -1007,9 +979,8 @@ class FASTTokenizer:
         return [x[:-1].tolist() for x in np.split(arr, np.flatnonzero(arr < 0) + 1)[:-1]]
 
     def decode(self, ids, return_valid=False):
-        """ids -> (H, D) float32. Never raises: an autoregressive model can emit anything.
-        Unknown ids are dropped, missing coefficients are 0, extra ones are cut.
-        valid = nothing had to be fixed."""
+        """ids -> (H, D) float32. Never raises (an AR model can emit anything): unknown ids are
+        dropped, missing coefficients are 0, extra ones cut; valid = nothing had to be fixed."""
         assert self.H is not None, "FASTTokenizer: call fit(chunks) before encode/decode"
         syms, valid = [], True
         for i in ids:
@@ -1081,18 +1052,14 @@ CORNERS = {"top left": (0.15, 0.15), "top right": (0.85, 0.15),
            "bottom left": (0.15, 0.85), "bottom right": (0.85, 0.85)}  # (x, y), y grows downwards
 INSTRUCTION = "push the {color} block to the {corner} corner"
 ALL_TASKS = [(c, k) for c in COLORS for k in CORNERS]
-# The evaluation splits: fixed constants, never tuned on results (tuning them would bias every
-# number):
-# 1) held-out combinations: colour x corner pairs never in robot demos; their words all are
-#    (recombination)
+# The evaluation splits: fixed constants, never tuned on results (that would bias every number).
+# 1) held-out combinations: colour x corner pairs never in robot demos, every word of them is
 HELDOUT_TASKS = [("red", "bottom right"), ("green", "top left"), ("blue", "bottom left"),
                  ("yellow", "top right"), ("purple", "top left")]
-# 2) an unseen target concept: this colour is never the target of a robot demo (it may be a
-#    distractor); only the VQA data says which blob it names. The toy analogue of knowledge only
-#    the VLM has.
+# 2) an unseen concept: this colour is never a demo's target (it may be a distractor); only the VQA
+#    data says which blob it names: the toy analogue of knowledge only the VLM has
 UNSEEN_COLOR = "purple"  # train_toy.py --unseen_color ("" = none)
-# 3) unseen wording: words only the VQA data uses, never a robot instruction (instructions say
-#    push/top/bottom)
+# 3) unseen wording: words only the VQA data uses, never a robot instruction (push/top/bottom)
 SYNONYMS = {"push": ("shove", "nudge"), "top": ("upper",), "bottom": ("lower",)}
 
 
@@ -1260,8 +1227,7 @@ def scripted_action(env, noise=0.0, rng=None):
     lateral = rel - along * u
     lat = np.linalg.norm(lateral)
     if along < -0.5 * reach and lat < 0.025:
-        # push phase: drive along u, steer back onto the line behind the block, slow down near the
-        # goal
+        # push phase: drive along u, steer back onto the line behind the block, slow near the goal
         target = b - u * reach * 0.8 + u * min(dist, 0.1)
     elif along < 0 or lat > reach + 0.02:
         target = b - u * (reach + 0.015)  # go to the pre-push point
@@ -1288,13 +1254,9 @@ def dart(action, noise, rng):
 expert_action = scripted_action  # an alias: external checks and course material use this name
 
 
-# The toy world's vision-language data: scene questions covering every instruction word
-#----------------------------------------
-
-
+# -- the toy world's vision-language data: scene questions covering every instruction word ---------
 # A real VLA starts from a VLM that already knows what "red" and "top left" mean. Our stand-in for
-# that knowledge is toy VQA on the same scenes; the backbone is pre-trained on it and co-trained
-# with it.
+# that knowledge: toy VQA on the same scenes; the backbone is pre-trained and co-trained on it.
 
 
 def position_bins(xy, grid=8, bins=256):
@@ -1307,9 +1269,8 @@ def make_vqa(env, rng):
     """One (question, answer) about the env's current scene. Answers are word strings, except
     "where is" whose answer is a list of two state-bin ints (x, y). Half of the "where" questions
     name the block the way a robot instruction does ("push the red block to the top left corner
-    where is it"), as pointing data in a real VLA's mix does. Corners are said both ways ("top
-    left" / "upper left") and the verbs push, shove and nudge appear in questions: the only place
-    the unseen wording (SYNONYMS) is ever seen, as web text is for a real VLM."""
+    where is it"), as pointing data does. Corners and verbs are said both ways ("upper left",
+    "shove"): the only place the unseen wording (SYNONYMS) appears, as web text for a real VLM."""
     # "where" carries the most grounding signal per question
     kind = rng.choice(4, p=[0.45, 0.2, 0.2, 0.15])
     i = int(rng.integers(3))
@@ -1332,9 +1293,7 @@ def make_vqa(env, rng):
     return f"you {verb} the {color} block to the {said} corner which moves", color
 
 
-# One backbone vocabulary: specials | words | 256 state bins | FAST ids (last, as openpi)
-#----------------------------------------
-
+# -- one backbone vocabulary: specials | words | 256 state bins | FAST ids (last, as openpi) -------
 
 SPECIALS = ["<pad>", "<unk>", "Action:", "Answer:", "|"]
 WORDS = sorted(set(" ".join([INSTRUCTION,
@@ -1345,7 +1304,6 @@ WORDS = sorted(set(" ".join([INSTRUCTION,
 
 class Vocab:
     """Word-level text tokens + discretised state + FAST ids, mapped into one id space.
-
     Vocab(...) is the toy's own table: [specials][words][state bins 0..255][FAST 0..V-1].
     Vocab.inside(size, ...) places the same pieces inside a real VLM's vocabulary (HFBackbone).
     """
@@ -1401,14 +1359,9 @@ class Vocab:
 
 class HFBackbone(nn.Module):
     """PaliGemma as the VLM backbone: SigLIP image tokens + Gemma over [prefix | suffix], its own
-    LM head.
-
-    The expert is built from Gemma's config (layers, query heads, key/value heads, head size, RoPE
-    base), and reads Gemma's per-layer keys/values exactly as it reads the toy's: HF caches keys
-    after RoPE, with the same rotate-half convention and frequencies as `rope`, at the positions we
-    pass (0..Tp-1 for the prefix; PaliGemma's own forward counts from 1, which no relative position
-    can tell apart).
-    """
+    LM head. The expert is built from Gemma's config and reads its per-layer keys/values as it
+    reads the toy's: HF caches keys after RoPE, with `rope`'s convention and frequencies, at the
+    positions we pass (PaliGemma's own forward counts from 1: no relative position tells)."""
 
     def __init__(self, hf_model, tokenizer=None):
         super().__init__()
