@@ -1,10 +1,8 @@
 """
-train_toy.py: the whole KI recipe on the toy push task, end to end, on a CPU or one GPU, in the
-order `python train_toy.py` runs it: settings (--help), 1) data: scripted-policy demos, VQA,
-held-out sets, 2) the FAST tokenizer and the model (kivla.py), 3) toy VLM pretraining (VQA: the
-knowledge a real VLM brings), 4) robot training with knowledge insulation, co-trained with VQA,
-5) evaluation: closed-loop success on four splits, what the VLM keeps (VQA, a probe), the gradients
-each loss term sends into it, 6) outputs (every file and metrics.json key explained), 7) main.
+train_toy.py: the whole KI recipe on the toy push task, on a CPU or one GPU, in the order it runs:
+settings (--help), 1) data, 2) the model (kivla.py), 3) toy VLM pretraining, 4) robot training with
+knowledge insulation, co-trained with VQA, 5) evaluation: success on four splits, what the VLM
+keeps, the gradients each loss sends into it, 6) outputs (docs/outputs.md), 7) main.
 
   python train_toy.py                  # the default run (README: time and numbers)
   python train_toy.py --quick          # the whole pipeline in about half a minute (success 0)
@@ -15,14 +13,12 @@ each loss term sends into it, 6) outputs (every file and metrics.json key explai
   python train_toy.py --backbone=hf-tiny --quick                 # a tiny random HF PaliGemma as VLM
   torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # data parallel: DDP, 2 processes
 
-tools/ (each answers --help): compare.py (every variant; --merge), bench.py, figures.py; and the
-parts this file imports: plots.py (the pictures a run draws), speed.py (CUDA graphs, DDP).
+tools/: compare.py (every variant), bench.py, figures.py; imported here: cli.py (the command
+line's plumbing), plots.py (a run's pictures), speed.py (CUDA graphs, DDP).
 """
 
-import argparse
 import contextlib
 import copy
-import difflib
 import io
 import json
 import math
@@ -37,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import kivla
-from tools import plots, speed
+from tools import cli, plots, speed
 
 # --------------------------------------------------------------------------------------------------
 # settings: argparse, grouped; every kivla.Config field but those the toy fixes is a setting too
@@ -52,57 +48,13 @@ SCALE_GPU = dict(batch_size=256, patch_size=8, vit_width=128, vit_layers=4, d_mo
                  n_head=8, head_dim=32, expert_width=128)
 # kivla.Config fields the toy fixes (its env's image, action and state; the vocabulary; RoPE's base)
 FIXED_BY_THE_TOY = ("action_dim", "image_size", "state_dim", "text_len", "state_bins", "rope_theta")
-MOVED = {"compare": "python tools/compare.py [settings] [--variants=ki,joint]",
-         "variants": "python tools/compare.py --variants=ki,joint [settings]",
-         "merge": "python tools/compare.py --merge=DIR,DIR --out_dir=DIR",
-         "bench": "python tools/bench.py [settings]",
-         "figures": "python tools/figures.py [settings]"}
 EVAL_SEED, CURVE_SEED, VQA_EVAL_SEED, DIAG_SEED = 1_000_000, 2_000_000, 3_000_000, 4_000_000
 PROBE_SEED, INTERFERENCE_SEED = 5_000_000, 6_000_000
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # every bad input: one line, never the usage block or a traceback
-        raise SystemExit(f"error: {message.removeprefix('argument ')}")
-
-
-class Help(argparse.RawDescriptionHelpFormatter):  # 100 columns, each default after its help
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=24, width=100)
-
-    def _get_help_string(self, action):
-        default = action.default
-        return action.help + ("" if default == argparse.SUPPRESS else f" [{default!r}]")
-
-
-def boolean(v):
-    if v.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-    return v.lower() in ("true", "1")
-
-
-def one_of(*options):
-    def check(v):
-        if v not in options:
-            names = ", ".join(o for o in options if o) + (", or ''" if "" in options else "")
-            raise argparse.ArgumentTypeError(f"must be one of {names}; got {v!r}")
-        return v
-    return check
-
-
-def add(group, name, default, help, kind=None):
-    kind = kind or type(default)
-    if kind is bool:  # --flag, --flag=true, --flag false
-        return group.add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=default,
-                                  metavar="BOOL", help=help)
-    meta = {int: "N", float: "X"}.get(kind, "S")
-    group.add_argument(f"--{name}", type=kind, default=default, metavar=meta, help=help)
-
-
 def make_parser(prog="train_toy.py", description=__doc__):
     """The settings of one run, grouped (the tools add groups of their own)."""
-    p = Parser(prog=prog, description=description, formatter_class=Help, allow_abbrev=False,
-               usage=f"python {prog} [--key=value ...]  (every setting is listed below)")
+    p, add, one_of = cli.parser(prog, description), cli.add, cli.one_of
     C = kivla.Config()  # its defaults
     g = p.add_argument_group("run", "what this run is and where it writes")
     add(g, "out_dir", "out", "where checkpoints, metrics and pictures go (--quick: out_quick)")
@@ -174,67 +126,18 @@ def make_parser(prog="train_toy.py", description=__doc__):
 def parse_args(argv, parser=None):
     """argv -> (settings dict, kivla.Config): defaults < --quick < --scale=gpu < what was given.
     Anything it cannot use ends the program with one line that says why (SystemExit)."""
-    parser = parser or make_parser()
-    defaults, unset = vars(parser.parse_args([])), object()
-    ns, extra = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))
-    if extra:
-        key = extra[0][2:].split("=")[0] if extra[0].startswith("--") else None
-        near = difflib.get_close_matches(key or "", defaults, n=1)
-        raise SystemExit(
-            f"error: --{key} moved: {MOVED[key]}" if key in MOVED else
-            f"error: --{key} is fixed by the toy (its env, vocabulary or RoPE); for your own "
-            "robot, set it in kivla.Config" if key in FIXED_BY_THE_TOY else
-            f"error: expected --key=value, got {extra[0]!r}" if key is None else
-            f"error: unknown setting --{key}" + (f"; did you mean --{near[0]}?" if near else ""))
-    given = {k: v for k, v in vars(ns).items() if v is not unset}
+    defaults, given = cli.parse(parser or make_parser(), argv, FIXED_BY_THE_TOY)
     s = {**defaults, **(QUICK if given.get("quick") else {}),
          **(SCALE_GPU if given.get("scale") == "gpu" else {}), **given}
     if s["eval_only"] and "out_dir" not in given:  # try.gif beside the checkpoint it evaluates
         s["out_dir"] = os.path.dirname(s["init_from"]) or "."
-    check_settings(s)
+    cli.check_settings(s)
     is_cfg = {f.name for f in fields(kivla.Config)}.__contains__
     try:
         cfg = kivla.Config(**{k: v for k, v in s.items() if is_cfg(k)})
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     return {k: v for k, v in s.items() if not is_cfg(k)}, cfg
-
-
-def check_settings(s):
-    """The combinations and ranges a run cannot use, each refused with the reason."""
-    if s["init_from"] and not os.path.isfile(s["init_from"]):
-        raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
-    if s["eval_only"] and not s["init_from"]:
-        raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=ckpt.pt")
-    if s["init_from"]:  # now, not after minutes of data and pretraining
-        load_checkpoint(s["init_from"], trained=s["eval_only"])
-    if s["instruction"] and not s["eval_only"]:
-        raise SystemExit("error: --instruction is for --eval_only (training uses the env's own)")
-    for keys, ok, want in (
-            (("seeds", "pretrain_blocks", "n_demos", "n_vqa", "pretrain_steps", "train_steps",
-              "batch_size", "eval_interval", "eval_episodes", "replan", "num_steps"), 1, ">= 1"),
-            (("vqa_frac", "ema"), 0, "in [0, 1]"),
-            (("pretrain_min_vqa", "lr", "demo_noise", "fast_scale", "grad_clip", "weight_decay",
-              "warmup_steps", "gif_episodes"), 0, ">= 0")):
-        for k in keys:
-            if not s[k] >= ok or (want == "in [0, 1]" and not s[k] <= 1):
-                raise SystemExit(f"error: --{k} must be {want}, got {s[k]}")
-
-
-def load_checkpoint(path, trained=False):
-    """torch.load (weights only) with one clear line for what cannot be used: a file that is not a
-    kivla checkpoint, or (trained=True) pretrained.pt, whose action expert never trained."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        ck = None
-    if not isinstance(ck, dict) or not {"model", "config", "fast_tokenizer"} <= ck.keys():
-        raise SystemExit(f"error: {path} is not a kivla checkpoint (no model, config and FAST "
-                         "tokenizer that torch.load(weights_only=True) can read)")
-    if trained and "settings" not in ck:
-        raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
-                         "expert is random): evaluate a ckpt.pt from a training run")
-    return ck
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,7 +535,7 @@ def interference(model, batch, noise, time):
 
 
 def watch_summary(watched):
-    """The watched steps in four numbers (METRICS: flow_to_ce_grad ... probe_acc_min_train)."""
+    """The watched steps in four numbers (docs/outputs.md: flow_to_ce_grad ... probe_acc_min_train)."""
     w = [r for r in watched if r["step"] > 0] or watched
     ratio = [r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w]
     return {"flow_to_ce_grad": float(np.mean(ratio)),
@@ -665,55 +568,8 @@ def scripted_success(seeds, tasks="train"):
 
 
 # --------------------------------------------------------------------------------------------------
-# 6) outputs, in --out_dir (with --seeds, a _seed<k> tag per seed; tools/compare.py adds _<row>):
-#   ckpt.pt         the EMA weights, kivla.Config, FAST tokenizer, settings and metrics (what
-#                   --eval_only and kivla.KIVLA.from_checkpoint load)
-#   pretrained.pt   the toy VLM after pretraining, its VQA accuracy (--init_from skips pretraining)
-#   metrics.json    the job's summary, strict JSON (NaN written as null): every key in METRICS
-#   history.json    train: {step, ce_loss, flow_loss} every 10 steps; eval: the curve's points
-#                   {step, success, fast_token_acc, malformed_fast, first_action_mse};
-#                   vlm: as vlm_watch
-#   curves.png      the losses (log) and the held-out curve; interference.png: vlm_watch drawn
-#   rollouts.gif    gif_episodes per split (half on unseen colour and wording); --eval_only: try.gif
+# 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md
 
-METRICS = {  # one run's keys; a summary over seeds adds the last block
-    "variant": "ki | joint | pi0 | fast", "row": "the row's name (tools/compare.py: e.g. ki_noVQA)",
-    "seed": "the robot-training seed", "vqa_frac": "VQA share of each robot-training batch",
-    "flow_weight": "alpha in CE + alpha * flow", "unseen_color": "the colour no demo targets",
-    "eval_episodes": "episodes per split of the final evaluation", "train_steps": "robot steps",
-    "success": "success rate in distribution: the training tasks on held-out seeds",
-    "heldout_success": "success on the held-out (colour, corner) combinations",
-    "unseen_color_success": "success on the tasks that name the unseen colour (null: none)",
-    "unseen_wording_success": "success on the training tasks said with synonyms (shove, upper...)",
-    "fast_token_acc": "teacher-forced FAST token accuracy on held-out demo states (null: pi0)",
-    "malformed_fast": "share of greedy FAST decodes that needed fixing (null: pi0)",
-    "first_action_mse": "mean squared error of the first action on held-out demo states",
-    "vqa_acc_before": "held-out VQA exact-match accuracy of the pretrained VLM",
-    "vqa_acc_after": "the same, of the robot-trained EMA model",
-    "probe_acc_before": "linear-probe accuracy on the pretrained VLM's prefix features",
-    "probe_acc_after": "the same, on the robot-trained EMA model's",
-    "steps_to_50pct": "first step the curve reaches 50% success, interpolated (null: never)",
-    "steps_to_80pct": "the same for 80%",
-    "curve": "[[step, success]] (50 episodes a point), the last point the final evaluation's",
-    "vlm_watch": "[{step, ce_grad, flow_grad, grad_cos, vqa_acc, probe_acc}] at watch_steps: the "
-                 "norms of the gradients CE and alpha * flow send into the VLM, their cosine, and "
-                 "the training weights' VQA and probe accuracy on half the held-out sets",
-    "flow_to_ce_grad": "mean flow_grad / ce_grad over the watched steps after 0 (0 for ki)",
-    "grad_cos": "mean cosine of the two gradients over the same steps",
-    "vqa_acc_min_train": "lowest VQA accuracy of the training weights while watched",
-    "probe_acc_min_train": "lowest probe accuracy of the training weights while watched",
-    "latency_ms_per_chunk_b1": "median ms per action chunk at batch 1 (flow or AR FAST)",
-    "batched_eval_ms_per_chunk": "ms per batched model call in the final evaluation",
-    "train_time_s": "seconds of robot training (with the curve and the watch)",
-    "watch_time_s": "seconds of the VLM watch", "run_time_s": "seconds of training + evaluation",
-    "device": "where it ran", "fast_tokens_per_chunk": "mean FAST tokens per demo chunk",
-    "demo_samples": "robot-training rows (observation, chunk)",
-    # a summary over seeds: metrics.json; tools/compare.py: one per row, under "compare"
-    "seeds": "the robot-training seeds", "n_seeds": "their number", "runs": "every seed's metrics",
-    "<key>_std": "std over seeds of each SPREAD key (every number: the mean over seeds)",
-    "scripted_success": "the scripted policy on the same seeds and tasks",
-    "wall_time_s": "seconds of the whole job", "compare": "tools/compare.py: the rows' summaries",
-    "from": "tools/compare.py --merge: the folder a run came from"}
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success",
           "vqa_acc_after", "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc",
           "first_action_mse", "malformed_fast", "flow_to_ce_grad", "grad_cos", "vqa_acc_min_train",
@@ -774,7 +630,7 @@ def prepare(s, cfg):
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, scripted-policy success "
           f"{scripted_rate:.2f} (noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
-    init = load_checkpoint(s["init_from"]) if s["init_from"] else None
+    init = cli.load_checkpoint(s["init_from"]) if s["init_from"] else None
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)  # deterministic
     if init and init["fast_tokenizer"]["vocab_size"] != tok.vocab_size:
         raise SystemExit(f"error: {s['init_from']} has fast_vocab="

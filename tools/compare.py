@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import train_toy  # noqa: E402
-from tools import plots  # noqa: E402
+from tools import cli, plots  # noqa: E402
 
 # (name, variant, setting overrides), in the table's order
 ROWS = [("ki", "ki", {}), ("joint", "joint", {}), ("pi0", "pi0", {}), ("fast", "fast", {}),
@@ -55,9 +55,9 @@ def rows(names):
 def make_parser():
     p = train_toy.make_parser(prog="tools/compare.py", description=__doc__)
     g = p.add_argument_group("compare", "which rows, or merge finished comparisons")
-    train_toy.add(g, "variants", "", "only these rows, comma-separated (e.g. ki,joint); '' = every "
-                  f"row: {', '.join(name for name, _, _ in ROWS)}", rows)
-    train_toy.add(g, "merge", "", "comma-separated folders of finished runs -> one compare.md")
+    cli.add(g, "variants", "", "only these rows, comma-separated (e.g. ki,joint); '' = every "
+            f"row: {', '.join(name for name, _, _ in ROWS)}", rows)
+    cli.add(g, "merge", "", "comma-separated folders of finished runs -> one compare.md")
     return p
 
 

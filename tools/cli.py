@@ -1,0 +1,119 @@
+"""
+tools/cli.py: the command line's plumbing, kept beside the job as nanoGPT keeps configurator.py
+beside train.py. The settings themselves (names, defaults, help) are listed in train_toy.py's
+make_parser; this file only makes argparse behave: --flag, --key=value and --key value, groups in
+100 columns with each default after its help, did-you-mean, and every bad input one line (rc 1):
+an unknown or moved setting (parse), a range or combination a run cannot use (check_settings), a
+file that is not a checkpoint (load_checkpoint).
+"""
+
+import argparse
+import difflib
+import os
+
+import torch
+
+# flags that became their own tools: the old flag answers with the new command
+MOVED = {"compare": "python tools/compare.py [settings] [--variants=ki,joint]",
+         "variants": "python tools/compare.py --variants=ki,joint [settings]",
+         "merge": "python tools/compare.py --merge=DIR,DIR --out_dir=DIR",
+         "bench": "python tools/bench.py [settings]",
+         "figures": "python tools/figures.py [settings]"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # every bad input: one line, never the usage block or a traceback
+        raise SystemExit(f"error: {message.removeprefix('argument ')}")
+
+
+class Help(argparse.RawDescriptionHelpFormatter):  # 100 columns, each default after its help
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=24, width=100)
+
+    def _get_help_string(self, action):
+        default = action.default
+        return action.help + ("" if default == argparse.SUPPRESS else f" [{default!r}]")
+
+
+def parser(prog, description):
+    return Parser(prog=prog, description=description, formatter_class=Help, allow_abbrev=False,
+                  usage=f"python {prog} [--key=value ...]  (every setting is listed below)")
+
+
+def boolean(v):
+    if v.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+    return v.lower() in ("true", "1")
+
+
+def one_of(*options):
+    def check(v):
+        if v not in options:
+            names = ", ".join(o for o in options if o) + (", or ''" if "" in options else "")
+            raise argparse.ArgumentTypeError(f"must be one of {names}; got {v!r}")
+        return v
+    return check
+
+
+def add(group, name, default, help, kind=None):
+    """One setting: --name, its type from the default (or kind), its help beside it."""
+    kind = kind or type(default)
+    if kind is bool:  # --flag, --flag=true, --flag false
+        return group.add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=default,
+                                  metavar="BOOL", help=help)
+    meta = {int: "N", float: "X"}.get(kind, "S")
+    group.add_argument(f"--{name}", type=kind, default=default, metavar=meta, help=help)
+
+
+def parse(parser, argv, fixed=()):
+    """-> (every default, only what argv gave). An unknown key ends the program with one line: the
+    new command if it moved, why if it is one of `fixed`, else the nearest setting."""
+    defaults, unset = vars(parser.parse_args([])), object()
+    ns, extra = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))
+    if extra:
+        key = extra[0][2:].split("=")[0] if extra[0].startswith("--") else None
+        near = difflib.get_close_matches(key or "", defaults, n=1)
+        raise SystemExit(
+            f"error: --{key} moved: {MOVED[key]}" if key in MOVED else
+            f"error: --{key} is fixed by the toy (its env, vocabulary or RoPE); for your own "
+            "robot, set it in kivla.Config" if key in fixed else
+            f"error: expected --key=value, got {extra[0]!r}" if key is None else
+            f"error: unknown setting --{key}" + (f"; did you mean --{near[0]}?" if near else ""))
+    return defaults, {k: v for k, v in vars(ns).items() if v is not unset}
+
+
+def check_settings(s):
+    """The combinations and ranges a run cannot use, each refused with the reason."""
+    if s["init_from"] and not os.path.isfile(s["init_from"]):
+        raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
+    if s["eval_only"] and not s["init_from"]:
+        raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=ckpt.pt")
+    if s["init_from"]:  # now, not after minutes of data and pretraining
+        load_checkpoint(s["init_from"], trained=s["eval_only"])
+    if s["instruction"] and not s["eval_only"]:
+        raise SystemExit("error: --instruction is for --eval_only (training uses the env's own)")
+    for keys, ok, want in (
+            (("seeds", "pretrain_blocks", "n_demos", "n_vqa", "pretrain_steps", "train_steps",
+              "batch_size", "eval_interval", "eval_episodes", "replan", "num_steps"), 1, ">= 1"),
+            (("vqa_frac", "ema"), 0, "in [0, 1]"),
+            (("pretrain_min_vqa", "lr", "demo_noise", "fast_scale", "grad_clip", "weight_decay",
+              "warmup_steps", "gif_episodes"), 0, ">= 0")):
+        for k in keys:
+            if not s[k] >= ok or (want == "in [0, 1]" and not s[k] <= 1):
+                raise SystemExit(f"error: --{k} must be {want}, got {s[k]}")
+
+
+def load_checkpoint(path, trained=False):
+    """torch.load (weights only) with one clear line for what cannot be used: a file that is not a
+    kivla checkpoint, or (trained=True) pretrained.pt, whose action expert never trained."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        ck = None
+    if not isinstance(ck, dict) or not {"model", "config", "fast_tokenizer"} <= ck.keys():
+        raise SystemExit(f"error: {path} is not a kivla checkpoint (no model, config and FAST "
+                         "tokenizer that torch.load(weights_only=True) can read)")
+    if trained and "settings" not in ck:
+        raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
+                         "expert is random): evaluate a ckpt.pt from a training run")
+    return ck
