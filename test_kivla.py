@@ -22,7 +22,7 @@ from PIL import Image
 
 import kivla
 import train_toy
-from tools import compare, figures, speed
+from tools import cli, compare, figures, speed
 from train_toy import EVAL_SEED
 
 # ------------------------------------------------------------------------------------------------
@@ -1039,7 +1039,7 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
     with pytest.raises(ValueError, match="does not fit"):
         kivla.KIVLA.from_checkpoint(tmp_path / "old.pt")
     with pytest.raises(SystemExit, match="^error: the VLM weights do not fit"):
-        train_toy.load_vlm_weights(m, ck["model"])
+        cli.load_vlm_weights(m, ck["model"])
 
 
 def test_vlm_pretraining_holds_its_learning_rate_after_the_warm_up_and_robot_training_decays(demo, tmp_path,
@@ -1488,11 +1488,11 @@ def test_exercise(n):
 def test_train_toy_stops_at_once_naming_the_lowest_unwritten_one_in_a_student_copy(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tools"))
     import make_assignment
-    assert train_toy.exercises_left() == []  # the reference: every body written
+    assert cli.exercises_left() == []  # the reference: every body written
     student = tmp_path / "kivla.py"
     student.write_text(make_assignment.blank(open(kivla.__file__).read())[0])
     monkeypatch.setattr(kivla, "__file__", str(student))
-    assert [n for n, _ in train_toy.exercises_left()] == [1, 2, 3, 4, 5, 6]
+    assert [n for n, _ in cli.exercises_left()] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(SystemExit, match=r"exercise 1 \(FAST's front end\) is not written yet \(6 left\)"):
         train_toy.main(["--quick", f"--out_dir={tmp_path}"])
 

@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -224,19 +223,6 @@ def build_model(s, cfg, tok):
     except ImportError:
         raise SystemExit("error: hf-tiny needs transformers>=5: pip install transformers")
     return kivla.KIVLA(cfg, tok, backbone=kivla.HFBackbone(hf))
-
-
-def load_vlm_weights(model, weights):
-    """Every VLM weight, strictly; the action expert keeps its fresh init (pretraining skips it)."""
-    try:
-        missing, unexpected = model.load_state_dict(
-            {k: v for k, v in weights.items() if not k.startswith("action_expert.")}, strict=False)
-    except RuntimeError as e:  # a shape differs: e.g. weights built with another toy vocabulary
-        raise SystemExit("error: the VLM weights do not fit this model (from an older kivla?): "
-                         f"{' '.join(str(e).split())[:300]}") from None
-    if unexpected or any(not k.startswith("action_expert.") for k in missing):
-        raise SystemExit("error: the VLM weights do not fit this model (an older kivla, or another "
-                         f"--backbone?); missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
@@ -641,7 +627,7 @@ def prepare(s, cfg):
     vlm = build_model(s, cfg, tok)  # makes the batches; its weights: pretraining or --init_from
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in vlm.num_params().items()))
     if init:
-        load_vlm_weights(vlm, init["model"])  # fail now, not after minutes of work
+        cli.load_vlm_weights(vlm, init["model"])  # fail now, not after minutes of work
     eval_batch = vlm.make_batch(vqa_eval)
     data = Data(demos=(obs, chunks), diag=([d_obs[i] for i in pick], d_chunks[pick]),
                 vqa=vlm.make_batch(vqa_pool), vqa_eval=eval_batch,
@@ -656,7 +642,7 @@ def prepare(s, cfg):
         data.weights, data.vqa_before = pretrain_vlm(s, cfg, tok, data.vqa, data.vqa_eval)
         print(f"VLM pretraining: VQA accuracy {data.vqa_before:.3f} on held-out scenes "
               f"({time.time() - t_start:.0f} s so far)")
-        load_vlm_weights(vlm, data.weights)
+        cli.load_vlm_weights(vlm, data.weights)
     data.probe_before = probe_accuracy(vlm.to(s["device"]), data.probe, data.probe_iters)
     return tok, data
 
@@ -667,7 +653,7 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
     t_start = time.time()
     torch.manual_seed(seed)
     model = build_model(s, cfg, tok).to(s["device"])
-    load_vlm_weights(model, data.weights)
+    cli.load_vlm_weights(model, data.weights)
     robot, diag = model.make_batch(*data.demos), model.make_batch(*data.diag)  # pi0 has no FAST
     history, watch_time = {"train": [], "eval": [], "vlm": []}, [0.0]
     n_curve, splits = min(50, s["eval_episodes"]), kivla.task_splits(s["unseen_color"])
@@ -841,19 +827,8 @@ def only_rank0_prints(s):
     return contextlib.redirect_stdout(io.StringIO()) if s["rank"] > 0 else contextlib.nullcontext()
 
 
-def exercises_left():
-    """The course's student copy (tools/make_assignment.py): the exercises still to write in kivla.py,
-    [(number, title)], lowest first. The reference has none."""
-    with open(kivla.__file__, encoding="utf-8") as f:
-        left = re.findall(r'NotImplementedError\("Exercise (\d+): (.+?) \(docs/course', f.read())
-    return sorted({(int(n), title) for n, title in left})
-
-
 def main(argv):
-    left = exercises_left()
-    if left and not {"-h", "--help"} & set(argv):
-        raise SystemExit(f"error: kivla.py's exercise {left[0][0]} ({left[0][1]}) is not written yet "
-                         f"({len(left)} left): docs/course.md; check: python -m pytest -q -k exercise")
+    cli.refuse_a_student_copy(argv)  # the course's copy runs once its exercises are written
     s, cfg = start(argv)
     with only_rank0_prints(s):  # under torchrun only rank 0 prints (and writes outputs)
         return eval_only(s) if s["eval_only"] else run(s, cfg)

@@ -4,14 +4,18 @@ beside train.py. The settings themselves (names, defaults, help) are listed in t
 make_parser; this file only makes argparse behave: --flag, --key=value and --key value, groups in
 100 columns with each default after its help, did-you-mean, and every bad input one line (rc 1):
 an unknown or moved setting (parse), a range or combination a run cannot use (check_settings), a
-file that is not a checkpoint (load_checkpoint).
+file that is not a checkpoint or weights that do not fit (load_checkpoint, load_vlm_weights), and a
+student copy of kivla.py with exercises left (refuse_a_student_copy).
 """
 
 import argparse
 import difflib
 import os
+import re
 
 import torch
+
+import kivla
 
 # flags that became their own tools: the old flag answers with the new command
 MOVED = {"compare": "python tools/compare.py [settings] [--variants=ki,joint]",
@@ -117,3 +121,33 @@ def load_checkpoint(path, trained=False):
         raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
                          "expert is random): evaluate a ckpt.pt from a training run")
     return ck
+
+
+def load_vlm_weights(model, weights):
+    """Every VLM weight, strictly; the action expert keeps its fresh init (pretraining skips it)."""
+    try:
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in weights.items() if not k.startswith("action_expert.")}, strict=False)
+    except RuntimeError as e:  # a shape differs: e.g. weights built with another toy vocabulary
+        raise SystemExit("error: the VLM weights do not fit this model (from an older kivla?): "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    if unexpected or any(not k.startswith("action_expert.") for k in missing):
+        raise SystemExit("error: the VLM weights do not fit this model (an older kivla, or another "
+                         f"--backbone?); missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def exercises_left():
+    """The course's student copy (tools/make_assignment.py): the exercises still to write in kivla.py,
+    [(number, title)], lowest first. The reference has none."""
+    with open(kivla.__file__, encoding="utf-8") as f:
+        left = re.findall(r'NotImplementedError\("Exercise (\d+): (.+?) \(docs/course', f.read())
+    return sorted({(int(n), title) for n, title in left})
+
+
+def refuse_a_student_copy(argv):
+    """A student copy of kivla.py (tools/make_assignment.py) stops here, naming the lowest exercise
+    left, unless only --help was asked for."""
+    left = exercises_left()
+    if left and not {"-h", "--help"} & set(argv):
+        raise SystemExit(f"error: kivla.py's exercise {left[0][0]} ({left[0][1]}) is not written yet "
+                         f"({len(left)} left): docs/course.md; check: python -m pytest -q -k exercise")
