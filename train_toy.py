@@ -521,7 +521,7 @@ def interference(model, batch, noise, time):
 
 
 def watch_summary(watched):
-    """The watched steps in four numbers (docs/outputs.md: flow_to_ce_grad ... probe_acc_min_train)."""
+    """The watched steps in four numbers (docs/outputs.md, flow_to_ce_grad and below)."""
     w = [r for r in watched if r["step"] > 0] or watched
     ratio = [r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w]
     return {"flow_to_ce_grad": float(np.mean(ratio)),

@@ -137,8 +137,8 @@ def load_vlm_weights(model, weights):
 
 
 def exercises_left():
-    """The course's student copy (tools/make_assignment.py): the exercises still to write in kivla.py,
-    [(number, title)], lowest first. The reference has none."""
+    """The course's student copy (tools/make_assignment.py): the exercises still to write in
+    kivla.py, [(number, title)], lowest first. The reference has none."""
     with open(kivla.__file__, encoding="utf-8") as f:
         left = re.findall(r'NotImplementedError\("Exercise (\d+): (.+?) \(docs/course', f.read())
     return sorted({(int(n), title) for n, title in left})
@@ -149,5 +149,6 @@ def refuse_a_student_copy(argv):
     left, unless only --help was asked for."""
     left = exercises_left()
     if left and not {"-h", "--help"} & set(argv):
-        raise SystemExit(f"error: kivla.py's exercise {left[0][0]} ({left[0][1]}) is not written yet "
-                         f"({len(left)} left): docs/course.md; check: python -m pytest -q -k exercise")
+        (n, title), check = left[0], "python -m pytest -q -k exercise"
+        raise SystemExit(f"error: kivla.py's exercise {n} ({title}) is not written yet "
+                         f"({len(left)} left): docs/course.md; check: {check}")
