@@ -938,7 +938,10 @@ def test_robot_demos_never_contain_the_evaluation_splits_and_only_vqa_has_the_un
     (["--eval_only"], "--eval_only evaluates a trained model: add --init_from"),
     (["--instruction=push the red block"], "--instruction is for --eval_only"),
     (["--vqa_frac=1.5"], "vqa_frac must be in [0, 1]"), (["--train_steps=0"], "train_steps must be >= 1"),
-    (["--lr=-1"], "lr must be >= 0"), (["--init_from=README.md"], "README.md is not a kivla checkpoint")])
+    (["--lr=-1"], "lr must be >= 0"), (["--init_from=README.md"], "README.md is not a kivla checkpoint"),
+    (["--init_from=docs"], "--init_from=docs: a folder: name the .pt in it"),
+    (["--fast_scale=0"], "--fast_scale must be > 0"),
+    (["--fast_vocab=10"], "--fast_vocab must be at least FAST's 27 base symbols at --fast_scale=4.0")])
 def test_bad_cli_input(args, msg):
     with pytest.raises(SystemExit) as e:
         train_toy.parse_args(args)

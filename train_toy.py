@@ -205,9 +205,9 @@ class Data:
     train_tasks: list    # the (colour, corner) pairs of the robot data and of in-distribution
     fast_tokens: float   # mean FAST tokens per demo chunk
     t_start: float       # when the job started
-    weights: dict = None                # the pretrained VLM's weights (CPU), its VQA and probe acc.
-    vqa_before: float = float("nan")
-    probe_before: float = float("nan")
+    weights: dict = None              # the pretrained VLM's weights (CPU)
+    vqa_before: float = float("nan")  # its held-out VQA accuracy
+    probe_before: float = float("nan")  # its linear-probe accuracy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +254,8 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4) robot training: AdamW, warm-up + cosine, clipping, EMA; the VLM watched at fixed steps
+# 4) the training loop (VLM pretraining and robot training): AdamW, warm-up + cosine, clipping,
+#    EMA; in robot training the VLM is watched at fixed steps
 
 
 def lr_at(step, steps, lr, warmup, min_frac):
@@ -385,7 +386,7 @@ def rollouts(model, tasks, seeds, replan, num_steps, instruction=None, record=0,
     g = torch.Generator().manual_seed(seed)
     H, A = model.cfg.action_horizon, model.cfg.action_dim
     envs = [kivla.PushEnv(tasks=tasks, render_mode="rgb_array") for _ in seeds]
-    record = min(record, len(envs))  # e.g. --gif_episodes above a rank's share of --eval_episodes
+    record = min(record, len(envs))  # e.g. --gif_episodes above --eval_episodes
     obs = [e.reset(seed=s)[0] for e, s in zip(envs, seeds)]
     if reword:
         instruction = [kivla.paraphrase(e.instruction, np.random.default_rng(s))
@@ -574,7 +575,8 @@ def write_run(s, tag, ema, metrics, history, episodes):
 
 
 def summarize(runs):
-    """Per-seed metrics -> one dict: every number's mean, the std of the SPREAD ones, every run."""
+    """Per-seed metrics -> one dict: every number's mean, the std of the SPREAD ones, every run;
+    what is not a number (the curve, the watch) is the first seed's."""
     out = {k: v for k, v in runs[0].items() if k != "seed"}  # what every run shares stays as it is
     for k, v in out.items():
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -687,14 +689,14 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
     if not rank0:  # evaluation and outputs: rank 0 only
         return None
     n_gif = s["gif_episodes"]
-    run = lambda tasks, record, reword=False: rollouts(  # noqa: E731  (the same seeds everywhere)
+    evaluate = lambda tasks, record, reword=False: rollouts(  # noqa: E731  (the same seeds)
         ema, tasks, range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]), s["replan"], s["num_steps"],
         record=record, reword=reword, seed=EVAL_SEED, graph=s["cuda_graph"])
-    ok_in, chunk_s, episodes = run(splits["train"], n_gif)
-    ok_out, _, more = run(splits["heldout"], n_gif)
-    ok_color, _, colored = (run(splits["unseen_color"], n_gif // 2) if splits["unseen_color"]
+    ok_in, chunk_s, episodes = evaluate(splits["train"], n_gif)
+    ok_out, _, more = evaluate(splits["heldout"], n_gif)
+    ok_color, _, colored = (evaluate(splits["unseen_color"], n_gif // 2) if splits["unseen_color"]
                             else (np.array([np.nan]), 0, []))
-    ok_words, _, worded = run(splits["train"], n_gif // 2, reword=True)
+    ok_words, _, worded = evaluate(splits["train"], n_gif // 2, reword=True)
     # the curve's last point is the final evaluation (not 50 more episodes on the curve's seeds)
     history["eval"].append({"step": s["train_steps"], "success": float(ok_in.mean()),
                             **diagnostics(ema, diag, s["num_steps"])})

@@ -89,7 +89,8 @@ def parse(parser, argv, fixed=()):
 def check_settings(s):
     """The combinations and ranges a run cannot use, each refused with the reason."""
     if s["init_from"] and not os.path.isfile(s["init_from"]):
-        raise SystemExit(f"error: --init_from={s['init_from']}: no such file")
+        why = "a folder: name the .pt in it" if os.path.isdir(s["init_from"]) else "no such file"
+        raise SystemExit(f"error: --init_from={s['init_from']}: {why}")
     if s["eval_only"] and not s["init_from"]:
         raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=ckpt.pt")
     if s["init_from"]:  # now, not after minutes of data and pretraining
@@ -100,11 +101,17 @@ def check_settings(s):
             (("seeds", "pretrain_blocks", "n_demos", "n_vqa", "pretrain_steps", "train_steps",
               "batch_size", "eval_interval", "eval_episodes", "replan", "num_steps"), 1, ">= 1"),
             (("vqa_frac", "ema"), 0, "in [0, 1]"),
-            (("pretrain_min_vqa", "lr", "demo_noise", "fast_scale", "grad_clip", "weight_decay",
+            (("pretrain_min_vqa", "lr", "demo_noise", "grad_clip", "weight_decay",
               "warmup_steps", "gif_episodes"), 0, ">= 0")):
         for k in keys:
             if not s[k] >= ok or (want == "in [0, 1]" and not s[k] <= 1):
                 raise SystemExit(f"error: --{k} must be {want}, got {s[k]}")
+    if not s["fast_scale"] > 0:
+        raise SystemExit(f"error: --fast_scale must be > 0, got {s['fast_scale']}")
+    base = 2 * round(s["fast_scale"] * s["action_horizon"] ** 0.5) + 1  # FAST's symbols (kivla.py)
+    if s["fast_vocab"] < base:
+        raise SystemExit(f"error: --fast_vocab must be at least FAST's {base} base symbols at "
+                         f"--fast_scale={s['fast_scale']}, got {s['fast_vocab']}")
 
 
 def load_checkpoint(path, trained=False):
@@ -112,11 +119,11 @@ def load_checkpoint(path, trained=False):
     kivla checkpoint, or (trained=True) pretrained.pt, whose action expert never trained."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        ck = None
+        why = "it holds no model, config and FAST tokenizer"
+    except Exception as e:  # not a torch file, truncated, unreadable, ...
+        ck, why = None, f"torch.load(weights_only=True) raised {type(e).__name__}"
     if not isinstance(ck, dict) or not {"model", "config", "fast_tokenizer"} <= ck.keys():
-        raise SystemExit(f"error: {path} is not a kivla checkpoint (no model, config and FAST "
-                         "tokenizer that torch.load(weights_only=True) can read)")
+        raise SystemExit(f"error: {path} is not a kivla checkpoint ({why})")
     if trained and "settings" not in ck:
         raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
                          "expert is random): evaluate a ckpt.pt from a training run")
@@ -129,11 +136,13 @@ def load_vlm_weights(model, weights):
         missing, unexpected = model.load_state_dict(
             {k: v for k, v in weights.items() if not k.startswith("action_expert.")}, strict=False)
     except RuntimeError as e:  # a shape differs: e.g. weights built with another toy vocabulary
-        raise SystemExit("error: the VLM weights do not fit this model (from an older kivla?): "
-                         f"{' '.join(str(e).split())[:300]}") from None
+        why = " ".join(str(e).split())[:300]
+        raise SystemExit("error: the VLM weights do not fit this model (other model settings, e.g. "
+                         f"--scale or --d_model, or an older kivla?): {why}") from None
     if unexpected or any(not k.startswith("action_expert.") for k in missing):
-        raise SystemExit("error: the VLM weights do not fit this model (an older kivla, or another "
-                         f"--backbone?); missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise SystemExit("error: the VLM weights do not fit this model (other model settings, e.g. "
+                         f"--qk_norm or --backbone, or an older kivla?); missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
 
 
 def exercises_left():
