@@ -17,9 +17,7 @@ tools/: compare.py (every variant), bench.py, figures.py; imported here: cli.py 
 line's plumbing), plots.py (a run's pictures), speed.py (CUDA graphs, DDP).
 """
 
-import contextlib
 import copy
-import io
 import json
 import math
 import os
@@ -273,7 +271,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None,
     watch_steps, on the training weights. -> the EMA model, for evaluation."""
     dev = model.device
     robot, vqa = [None if d is None else {k: v.to(dev) for k, v in d.items()}  # drawn on the device
-                  for d in trim_suffix(robot, vqa)]
+                  for d in speed.trim_suffix(robot, vqa)]
     g = torch.Generator(dev).manual_seed(s["seed"] + 1_000_003 * s["rank"])  # each rank its rows
     bs = s["batch_size"] // s["world"]
     n_vqa = round(bs * vqa_frac) if robot is not None else bs
@@ -282,7 +280,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None,
     params, ema_params = list(model.parameters()), list(ema.parameters())
     # the learning rate and the EMA's weight are tensors: a captured CUDA graph reads their values
     lr, ema_w = torch.tensor(s["lr"], device=dev), torch.zeros((), device=dev)
-    opt = adamw(params, s["weight_decay"], lr)
+    opt = speed.adamw(params, s["weight_decay"], lr)
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"],
                cache_enabled=False)
 
@@ -292,7 +290,7 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
         opt.step()
-        ema_update_(ema_params, params, ema_w)
+        speed.ema_update_(ema_params, params, ema_w)
         return m
     run_step = speed.graphed_step(step_fn, s, dev, lambda: opt.zero_grad(set_to_none=True))
     model.train()
@@ -320,34 +318,6 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None,
         watch(model, steps)
     speed.check_ranks_in_sync(model, s)
     return ema
-
-
-def adamw(params, weight_decay, lr):
-    """AdamW, weight decay on matrices only; fused on CPU and CUDA; capturable on CUDA (the step
-    count stays on the GPU, so a CUDA graph can replay it; lr is a tensor for the same reason)."""
-    dev = params[0].device
-    return torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), fused=dev.type in ("cpu", "cuda"), capturable=dev.type == "cuda")
-
-
-@torch.no_grad()
-def ema_update_(ema_params, params, w):
-    """ema += w * (params - ema), w = 1 - decay (foreach; _foreach_lerp_ would sync the host)."""
-    diff = torch._foreach_sub(params, ema_params)
-    torch._foreach_mul_(diff, w)
-    torch._foreach_add_(ema_params, diff)
-
-
-def trim_suffix(*datasets):
-    """Drop the suffix columns no row of these datasets (None: none) uses. make_batch pads the
-    suffix to one FAST token per coefficient (21); the toy's chunks need ~12: a ~15% shorter row."""
-    used = max(int((d["suffix_loss"].any(0) * torch.arange(1, d["suffix_loss"].shape[1] + 1)).max())
-               for d in datasets if d is not None)  # the last used column + 1 (0 if none)
-    cut = ("suffix", "suffix_target", "suffix_loss")
-    return [None if d is None else {k: v[:, :used] if k in cut else v for k, v in d.items()}
-            for d in datasets]
 
 
 def watch_steps(steps, interval):
@@ -541,19 +511,6 @@ def steps_to(history, level=0.5):
     return float("nan")
 
 
-def scripted_success(seeds, tasks="train"):
-    """The scripted policy's (noise-free) success rate on the evaluation seeds, for comparison."""
-    env, ok = kivla.PushEnv(tasks=tasks), []
-    for seed in seeds:
-        env.reset(seed=seed)
-        while True:
-            _, _, term, trunc, info = env.step(kivla.scripted_action(env))
-            if term or trunc:
-                break
-        ok.append(info["success"])
-    return float(np.mean(ok))
-
-
 # --------------------------------------------------------------------------------------------------
 # 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md
 
@@ -561,6 +518,8 @@ SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_
           "vqa_acc_after", "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc",
           "first_action_mse", "malformed_fast", "flow_to_ce_grad", "grad_cos", "vqa_acc_min_train",
           "probe_acc_min_train")
+SHOWN = (("success", "success"), ("heldout_success", "held-out combos"),  # printed per seed
+         ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))
 
 
 def write_run(s, tag, ema, metrics, history, episodes):
@@ -722,28 +681,23 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
     return metrics
 
 
-def run_rows(s, cfg, tok, data, rows, tag_rows=False):
-    """Each row (name, variant, setting overrides) for --seeds robot-training seeds from the one
-    VLM. -> each row's summary over its seeds (None on a rank > 0)."""
-    seeds, results = [s["seed"] + i for i in range(s["seeds"])], []
-    for name, variant, override in rows:
-        c, runs = kivla.Config(**{**asdict(cfg), "variant": variant}), []
-        for seed in seeds:
-            tag = (f"_{name}" if tag_rows else "") + (f"_seed{seed}" if len(seeds) > 1 else "")
-            m = run_variant({**s, **override}, c, tok, data, seed, tag)
-            if m is None:  # not rank 0
-                continue
-            m.update(row=name, fast_tokens_per_chunk=data.fast_tokens,
-                     demo_samples=len(data.demos[0]))
-            runs.append(m)
-            print(f"{name:5s} seed {seed} | success {m['success']:.3f} | held-out combos "
-                  f"{m['heldout_success']:.3f} | unseen colour {m['unseen_color_success']:.3f} | "
-                  f"unseen wording {m['unseen_wording_success']:.3f} | FAST acc "
-                  f"{m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f} | VQA "
-                  f"{m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f} | "
-                  f"{m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
-        results.append(summarize(runs) if runs else None)
-    return results
+def run_seeds(s, cfg, tok, data, row=""):
+    """--seeds robot-training seeds of one variant (tools/compare.py: of its row) from the one VLM.
+    -> their summary (None on a rank > 0)."""
+    runs = []
+    for seed in range(s["seed"], s["seed"] + s["seeds"]):
+        tag = (f"_{row}" if row else "") + (f"_seed{seed}" if s["seeds"] > 1 else "")
+        m = run_variant(s, cfg, tok, data, seed, tag)
+        if m is None:  # not rank 0
+            continue
+        m.update(row=row or cfg.variant, fast_tokens_per_chunk=data.fast_tokens,
+                 demo_samples=len(data.demos[0]))
+        runs.append(m)
+        print(f"{m['row']:5s} seed {seed} | " + " | ".join(f"{n} {m[k]:.3f}" for k, n in SHOWN)
+              + f" | FAST acc {m['fast_token_acc']:.2f} | 1st-action err "
+              f"{m['first_action_mse']:.3f} | VQA {m['vqa_acc_before']:.2f} -> "
+              f"{m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
+    return summarize(runs) if runs else None
 
 
 def finish(s, data, results, write):
@@ -751,18 +705,15 @@ def finish(s, data, results, write):
     metrics.json holds. Under torchrun the other ranks wait until rank 0 has written."""
     if s["rank"] > 0:
         return speed.end_distributed(s)
-    scripted_ok = scripted_success(range(EVAL_SEED, EVAL_SEED + s["eval_episodes"]),
-                                   data.train_tasks)
+    # the scripted policy, noise-free, on the evaluation's seeds: the bar to compare against
+    scripted_ok = collect_demos(s["eval_episodes"], 1, 0.0, EVAL_SEED, data.train_tasks)[3]
     wall = time.time() - data.t_start
     for r in results:
         r.update(scripted_success=scripted_ok, wall_time_s=wall)
         if s["seeds"] > 1:
-            print(f"{r['runs'][0]['row']:5s} over {s['seeds']} seeds: " + " | ".join(
-                f"{name} {r[k]:.3f} ± {r[k + '_std']:.3f} "
-                f"(worst {min(x[k] for x in r['runs']):.3f})"
-                for k, name in (("success", "success"), ("heldout_success", "held-out combos"),
-                                ("unseen_color_success", "unseen colour"),
-                                ("unseen_wording_success", "unseen wording"))))
+            print(f"{r['row']:5s} over {s['seeds']} seeds: " + " | ".join(
+                f"{n} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})"
+                for k, n in SHOWN))
     out = write(results)
     print(f"scripted policy on the same seeds: {scripted_ok:.2f}; wall {wall / 60:.1f} min; "
           f"wrote {s['out_dir']}/")
@@ -776,16 +727,8 @@ def finish(s, data, results, write):
 def eval_only(s):
     """--eval_only: closed-loop episodes of a trained checkpoint, the env's instructions or yours"""
     model = kivla.KIVLA.from_checkpoint(s["init_from"], device=s["device"])
-    tasks, text = "train", s["instruction"]
-    if text:
-        _, unknown = model.vocab.words(text)
-        if unknown:
-            print(f"warning: words the model has never seen (read as <unk>): {unknown}")
-        color = [c for c in kivla.COLORS if c in text.split()]
-        corner = [k for k in kivla.CORNERS if k in text]
-        tasks = [(color[0], corner[0])] if color and corner else "all"  # success: only if parsed
-        print(f"instruction: {text!r} -> task "
-              f"{tasks if tasks != 'all' else '(not parsed: success not meaningful)'}")
+    text = s["instruction"]
+    tasks = cli.instruction_task(model, text) if text else "train"  # success: only if parsed
     torch.manual_seed(s["seed"])
     n = s["gif_episodes"] * 2
     ok, _, eps = rollouts(model, tasks, range(EVAL_SEED, EVAL_SEED + n), s["replan"],
@@ -799,16 +742,7 @@ def start(argv, parser=None):
     """-> (settings, Config) with the device picked, --out_dir made, torchrun's rank and world size,
     the seed set, and deterministic algorithms (same seed, same numbers on one CPU)."""
     s, cfg = parse_args(argv, parser)
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if s["device"] == "auto":
-        s["device"] = "cuda" if cuda else "mps" if mps else "cpu"
-    if not {"cpu": True, "cuda": cuda, "mps": mps}[s["device"]]:
-        raise SystemExit(f"error: --device={s['device']} is not available here")
-    try:
-        os.makedirs(s["out_dir"], exist_ok=True)
-    except OSError as e:
-        why = "a file has that name" if os.path.isfile(s["out_dir"]) else e.strerror
-        raise SystemExit(f"error: --out_dir={s['out_dir']}: cannot make that folder ({why})")
+    cli.device_and_out_dir(s)
     s["rank"], s["world"] = speed.setup_distributed(s)
     torch.manual_seed(s["seed"])
     torch.use_deterministic_algorithms(s["device"] == "cpu")  # reset: a CUDA run after a CPU one
@@ -820,19 +754,15 @@ def start(argv, parser=None):
 def run(s, cfg):
     """The main job: one variant for --seeds seeds from one VLM -> metrics.json (the summary)."""
     tok, data = prepare(s, cfg)
-    results = run_rows(s, cfg, tok, data, [(cfg.variant, cfg.variant, {})])
+    results = [run_seeds(s, cfg, tok, data)]
     return finish(s, data, results, lambda results: write_json(
         results[0], os.path.join(s["out_dir"], "metrics.json")) or results[0])
-
-
-def only_rank0_prints(s):
-    return contextlib.redirect_stdout(io.StringIO()) if s["rank"] > 0 else contextlib.nullcontext()
 
 
 def main(argv):
     cli.refuse_a_student_copy(argv)  # the course's copy runs once its exercises are written
     s, cfg = start(argv)
-    with only_rank0_prints(s):  # under torchrun only rank 0 prints (and writes outputs)
+    with speed.only_rank0_prints(s):  # under torchrun only rank 0 prints (and writes outputs)
         return eval_only(s) if s["eval_only"] else run(s, cfg)
 
 

@@ -114,6 +114,35 @@ def check_settings(s):
                          f"--fast_scale={s['fast_scale']}, got {s['fast_vocab']}")
 
 
+def device_and_out_dir(s):
+    """--device=auto -> the best one here; a device not here, or an --out_dir that cannot be made:
+    one line that says why."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if s["device"] == "auto":
+        s["device"] = "cuda" if cuda else "mps" if mps else "cpu"
+    if not {"cpu": True, "cuda": cuda, "mps": mps}[s["device"]]:
+        raise SystemExit(f"error: --device={s['device']} is not available here")
+    try:
+        os.makedirs(s["out_dir"], exist_ok=True)
+    except OSError as e:
+        why = "a file has that name" if os.path.isfile(s["out_dir"]) else e.strerror
+        raise SystemExit(f"error: --out_dir={s['out_dir']}: cannot make that folder ({why})")
+
+
+def instruction_task(model, text):
+    """--eval_only --instruction: warn about words the model never saw; -> the task the text names,
+    [(colour, corner)], or "all" if it names none (then success means nothing)."""
+    _, unknown = model.vocab.words(text)
+    if unknown:
+        print(f"warning: words the model has never seen (read as <unk>): {unknown}")
+    color = [c for c in kivla.COLORS if c in text.split()]
+    corner = [k for k in kivla.CORNERS if k in text]
+    tasks = [(color[0], corner[0])] if color and corner else "all"
+    print(f"instruction: {text!r} -> task "
+          f"{tasks if tasks != 'all' else '(not parsed: success not meaningful)'}")
+    return tasks
+
+
 def load_checkpoint(path, trained=False):
     """torch.load (weights only) with one clear line for what cannot be used: a file that is not a
     kivla checkpoint, or (trained=True) pretrained.pt, whose action expert never trained."""

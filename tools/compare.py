@@ -17,14 +17,16 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import kivla  # noqa: E402
 import train_toy  # noqa: E402
-from tools import cli, plots  # noqa: E402
+from tools import cli, plots, speed  # noqa: E402
 
 # (name, variant, setting overrides), in the table's order
 ROWS = [("ki", "ki", {}), ("joint", "joint", {}), ("pi0", "pi0", {}), ("fast", "fast", {}),
@@ -67,11 +69,14 @@ def main(argv):
         return merge(s)
     picked = [r for r in s["variants"].split(",") if r]
     picked = [r for r in ROWS if r[0] in picked] if picked else ROWS
-    with train_toy.only_rank0_prints(s):
+    with speed.only_rank0_prints(s):
         tok, data = train_toy.prepare(s, cfg)
         if s["rank"] == 0:
             estimate_time(s, cfg, tok, data, len(picked) * s["seeds"])
-        results = train_toy.run_rows(s, cfg, tok, data, picked, tag_rows=True)
+        results = []
+        for name, variant, override in picked:  # every row from the one VLM
+            c = kivla.Config(**{**asdict(cfg), "variant": variant})
+            results.append(train_toy.run_seeds({**s, **override}, c, tok, data, name))
         return train_toy.finish(s, data, results, lambda results: write(s, results))
 
 

@@ -9,10 +9,15 @@ tools/speed.py: the speed machinery train_toy.py calls in one line each, out of 
   setup_distributed torchrun's rank and world; check_ranks_in_sync, end_distributed
   rollout_policy    batched closed-loop sampling; latency: seconds per chunk at batch 1
   median_time       seconds per call, waiting for the GPU
+  adamw, ema_update_  the optimizer and the EMA in forms a CUDA graph can replay (no host syncs)
+  trim_suffix       drop the suffix columns no row uses (a shorter row: a cheaper step)
+  only_rank0_prints under torchrun only rank 0 prints
 
 Everything here is a no-op or the plain call on a CPU: a reader can skip this file.
 """
 
+import contextlib
+import io
 import os
 import time
 
@@ -194,3 +199,36 @@ def latency(model, obs, num_steps, reps=20):
         return median_time(lambda: decode(b), reps=reps)
     sample = graphed_sampler(model, b, num_steps)
     return median_time(lambda: sample(b), reps=reps)
+
+
+def adamw(params, weight_decay, lr):
+    """AdamW, weight decay on matrices only; fused on CPU and CUDA; capturable on CUDA (the step
+    count stays on the GPU, so a CUDA graph can replay it; lr is a tensor for the same reason)."""
+    dev = params[0].device
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), fused=dev.type in ("cpu", "cuda"), capturable=dev.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update_(ema_params, params, w):
+    """ema += w * (params - ema), w = 1 - decay (foreach; _foreach_lerp_ would sync the host)."""
+    diff = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(diff, w)
+    torch._foreach_add_(ema_params, diff)
+
+
+def trim_suffix(*datasets):
+    """Drop the suffix columns no row of these datasets (None: none) uses. make_batch pads the
+    suffix to one FAST token per coefficient (21); the toy's chunks need ~12: a ~15% shorter row."""
+    used = max(int((d["suffix_loss"].any(0) * torch.arange(1, d["suffix_loss"].shape[1] + 1)).max())
+               for d in datasets if d is not None)  # the last used column + 1 (0 if none)
+    cut = ("suffix", "suffix_target", "suffix_loss")
+    return [None if d is None else {k: v[:, :used] if k in cut else v for k, v in d.items()}
+            for d in datasets]
+
+
+def only_rank0_prints(s):
+    """Under torchrun the other ranks' stdout goes nowhere (rank 0 prints and writes outputs)."""
+    return contextlib.redirect_stdout(io.StringIO()) if s["rank"] > 0 else contextlib.nullcontext()
