@@ -281,11 +281,9 @@ def train(model, s, robot, vqa, steps, vqa_frac, desc, curve=None, history=None,
     # the learning rate and the EMA's weight are tensors: a captured CUDA graph reads their values
     lr, ema_w = torch.tensor(s["lr"], device=dev), torch.zeros((), device=dev)
     opt = speed.adamw(params, s["weight_decay"], lr)
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and s["amp"],
-               cache_enabled=False)
 
     def step_fn(batch):  # one training step, no host syncs (so a CUDA graph can replay it)
-        with torch.autocast(**amp):
+        with speed.autocast(dev, s["amp"]):
             loss, m = net(batch)  # the KI loss: kivla.KIVLA.compute_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])

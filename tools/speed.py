@@ -9,6 +9,7 @@ tools/speed.py: the speed machinery train_toy.py calls in one line each, out of 
   setup_distributed torchrun's rank and world; check_ranks_in_sync, end_distributed
   rollout_policy    batched closed-loop sampling; latency: seconds per chunk at batch 1
   median_time       seconds per call, waiting for the GPU
+  autocast          bf16 on CUDA (--amp), a no-op elsewhere
   adamw, ema_update_  the optimizer and the EMA in forms a CUDA graph can replay (no host syncs)
   trim_suffix       drop the suffix columns no row uses (a shorter row: a cheaper step)
   only_rank0_prints under torchrun only rank 0 prints
@@ -200,6 +201,11 @@ def latency(model, obs, num_steps, reps=20):
     sample = graphed_sampler(model, b, num_steps)
     return median_time(lambda: sample(b), reps=reps)
 
+
+def autocast(device, amp=True):
+    """bf16 autocast on CUDA with --amp, a no-op elsewhere (no weight cache: a graph replays it)."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                          enabled=device.type == "cuda" and amp, cache_enabled=False)
 
 def adamw(params, weight_decay, lr):
     """AdamW, weight decay on matrices only; fused on CPU and CUDA; capturable on CUDA (the step
