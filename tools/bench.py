@@ -110,7 +110,7 @@ def bench(s, cfg):
           f"steps/s per TFLOP/s | {s['train_steps']} steps ~ {s['train_steps'] / sps / 60:.1f} min")
     if s["device"] == "cuda":
         bench_gpu_step(s, *trained)
-    n_fast = np.mean([len(tok.encode(c)) for c in chunks])
+    n_fast = np.mean([len(ids) for ids in tok.encode_batch(chunks)])
     print(f"FAST: {n_fast:.2f} tokens/chunk vs {cfg.action_horizon * cfg.action_dim} with "
           f"per-dimension 256-bin tokens ({len(chunks)} scripted chunks, H={cfg.action_horizon}); "
           f"fit on 10k chunks {fit_s:.2f} s")
