@@ -827,6 +827,25 @@ def test_eval_only_names_unknown_words_and_writes_its_gif_beside_the_checkpoint(
     assert len(r["episodes"]) == 2 and r["success"] == np.mean(r["episodes"])
     train_toy.main(fast + [f"--out_dir={tmp_path / 'elsewhere'}"])
     assert (tmp_path / "elsewhere" / "try.gif").stat().st_size > 0
+    for bad, why in (["--gif_episodes=0"], "give >= 1"), ([f"--instruction={' '.join(['push'] * 13)}"], "13 words"):
+        with pytest.raises(SystemExit, match=f"^error: .*{why}"):
+            train_toy.main(fast[:2] + bad)
+
+
+def test_eval_only_tries_the_tasks_its_checkpoint_trained_on(compared, tmp_path, monkeypatch):
+    """Without --instruction, --eval_only runs the training split of the checkpoint's own --unseen_color (not
+    the default purple's), with --seed as the flow's noise seed."""
+    ck = torch.load(compared[0] / "b" / "ckpt.pt", weights_only=True)
+    ck["settings"]["unseen_color"] = "blue"
+    torch.save(ck, tmp_path / "ckpt.pt")
+    seen = []
+    monkeypatch.setattr(train_toy, "rollouts", lambda m, tasks, *a, **kw: seen.append((tasks, kw["seed"])) or (
+        np.zeros(2), 0.0, []))
+    monkeypatch.setattr(train_toy.plots, "write_gif", lambda *a: None)
+    train_toy.main(["--eval_only", f"--init_from={tmp_path / 'ckpt.pt'}", "--gif_episodes=1", "--seed=7"])
+    (tasks, seed), = seen
+    assert tasks == kivla.task_splits("blue")["train"] and seed == 7
+    assert not any(c == "blue" for c, _ in tasks) and any(c == "purple" for c, _ in tasks)
 
 
 def test_the_curve_ends_with_the_final_evaluation_and_never_changes_training(tmp_path):
@@ -959,6 +978,15 @@ def test_compare_refuses_an_unknown_row():
         compare.main(["--variants=ki,nope"])
 
 
+@pytest.mark.parametrize("flag, why", [("--variant=ki", "--variants"), ("--eval_only", "train_toy.py --eval_only"),
+                                       ("--instruction=push", "--eval_only's")])
+def test_compare_refuses_the_settings_it_would_ignore(flag, why):
+    """Each row sets its own variant, and compare trains: a flag it would ignore (and then overwrite out/ with a
+    comparison) is one line that names what to use."""
+    with pytest.raises(SystemExit, match=f"^error: tools/compare.py has no {flag.split('=')[0]}: .*{why}"):
+        compare.main([flag])
+
+
 def test_key_space_value_reads_as_key_equals_value():
     """argparse habits work: --key value is --key=value; a bare --flag is true; a flag's value may follow it."""
     a, cfg_a = train_toy.parse_args(["--train_steps", "10", "--quick", "--flow_weight", "10", "--compile"])
@@ -1043,6 +1071,9 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
         kivla.KIVLA.from_checkpoint(tmp_path / "old.pt")
     with pytest.raises(SystemExit, match="^error: the VLM weights do not fit"):
         cli.load_vlm_weights(m, ck["model"])
+    torch.save({**ck, "settings": {}}, tmp_path / "old_ckpt.pt")  # a trained one: --eval_only says it in one line
+    with pytest.raises(SystemExit, match="^error: .*old_ckpt.pt does not fit"):
+        train_toy.main(["--eval_only", f"--init_from={tmp_path / 'old_ckpt.pt'}", f"--out_dir={tmp_path}"])
 
 
 def test_vlm_pretraining_holds_its_learning_rate_after_the_warm_up_and_robot_training_decays(demo, tmp_path,

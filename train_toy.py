@@ -14,7 +14,8 @@ keeps, the gradients each loss sends into it, 6) outputs (docs/outputs.md), 7) m
   torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # data parallel: DDP, 2 processes
 
 tools/: compare.py (every variant), bench.py, figures.py; imported here: cli.py (the command
-line's plumbing), plots.py (a run's pictures), speed.py (CUDA graphs, DDP).
+line's plumbing: every bad input one line), plots.py (a run's pictures), speed.py (CUDA graphs,
+DDP, and AdamW and the EMA in forms a CUDA graph can replay).
 """
 
 import copy
@@ -253,7 +254,7 @@ def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
 
 # --------------------------------------------------------------------------------------------------
 # 4) the training loop (VLM pretraining and robot training): AdamW, warm-up + cosine, clipping,
-#    EMA; in robot training the VLM is watched at fixed steps
+#    EMA (speed.adamw, speed.ema_update_); in robot training the VLM is watched at fixed steps
 
 
 def lr_at(step, steps, lr, warmup, min_frac):
@@ -724,13 +725,12 @@ def finish(s, data, results, write):
 
 def eval_only(s):
     """--eval_only: closed-loop episodes of a trained checkpoint, the env's instructions or yours"""
-    model = kivla.KIVLA.from_checkpoint(s["init_from"], device=s["device"])
-    text = s["instruction"]
-    tasks = cli.instruction_task(model, text) if text else "train"  # success: only if parsed
-    torch.manual_seed(s["seed"])
-    n = s["gif_episodes"] * 2
+    model = cli.load_trained(s["init_from"], s["device"])
+    text, n = s["instruction"], s["gif_episodes"] * 2
+    unseen = model.settings.get("unseen_color", kivla.UNSEEN_COLOR)  # the run's own split
+    tasks = cli.instruction_task(model, text) if text else kivla.task_splits(unseen)["train"]
     ok, _, eps = rollouts(model, tasks, range(EVAL_SEED, EVAL_SEED + n), s["replan"],
-                          s["num_steps"], text or None, n, graph=s["cuda_graph"])
+                          s["num_steps"], text or None, n, seed=s["seed"], graph=s["cuda_graph"])
     plots.write_gif(eps, os.path.join(s["out_dir"], "try.gif"))
     print(f"success {ok.mean():.2f} over {n} seeds; wrote {os.path.join(s['out_dir'], 'try.gif')}")
     return {"success": float(ok.mean()), "episodes": ok.tolist()}

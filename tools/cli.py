@@ -1,11 +1,13 @@
 """
 tools/cli.py: the command line's plumbing, kept beside the job as nanoGPT keeps configurator.py
 beside train.py. The settings themselves (names, defaults, help) are listed in train_toy.py's
-make_parser; this file only makes argparse behave: --flag, --key=value and --key value, groups in
-100 columns with each default after its help, did-you-mean, and every bad input one line (rc 1):
-an unknown or moved setting (parse), a range or combination a run cannot use (check_settings), a
-file that is not a checkpoint or weights that do not fit (load_checkpoint, load_vlm_weights), and a
-student copy of kivla.py with exercises left (refuse_a_student_copy).
+make_parser; this file makes argparse behave: --flag, --key=value and --key value, groups in 100
+columns with each default after its help, did-you-mean, and every bad input one line (rc 1): an
+unknown or moved setting (parse), a range or combination a run cannot use (check_settings), a
+device that is not here or an --out_dir that cannot be made (device_and_out_dir), a file that is
+not a checkpoint or weights that do not fit (load_checkpoint, load_trained, load_vlm_weights), an
+--instruction too long (instruction_task), and a student copy of kivla.py with exercises left
+(refuse_a_student_copy).
 """
 
 import argparse
@@ -95,6 +97,8 @@ def check_settings(s):
         raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=ckpt.pt")
     if s["init_from"]:  # now, not after minutes of data and pretraining
         load_checkpoint(s["init_from"], trained=s["eval_only"])
+    if s["eval_only"] and s["gif_episodes"] < 1:
+        raise SystemExit("error: --eval_only evaluates 2 x --gif_episodes episodes: give >= 1")
     if s["instruction"] and not s["eval_only"]:
         raise SystemExit("error: --instruction is for --eval_only (training uses the env's own)")
     for keys, ok, want in (
@@ -132,7 +136,10 @@ def device_and_out_dir(s):
 def instruction_task(model, text):
     """--eval_only --instruction: warn about words the model never saw; -> the task the text names,
     [(colour, corner)], or "all" if it names none (then success means nothing)."""
-    _, unknown = model.vocab.words(text)
+    words, unknown = model.vocab.words(text)
+    if len(words) > model.cfg.text_len:
+        raise SystemExit(f"error: --instruction has {len(words)} words; the model reads at most "
+                         f"{model.cfg.text_len}")
     if unknown:
         print(f"warning: words the model has never seen (read as <unk>): {unknown}")
     color = [c for c in kivla.COLORS if c in text.split()]
@@ -157,6 +164,17 @@ def load_checkpoint(path, trained=False):
         raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
                          "expert is random): evaluate a ckpt.pt from a training run")
     return ck
+
+
+def load_trained(path, device):
+    """--eval_only's model: KIVLA.from_checkpoint, its settings kept as model.settings; weights
+    that do not fit this kivla end in one line."""
+    try:
+        model = kivla.KIVLA.from_checkpoint(path, device=device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    model.settings = load_checkpoint(path, trained=True)["settings"]
+    return model
 
 
 def load_vlm_weights(model, weights):

@@ -9,7 +9,8 @@ term), beside each run's own files (tagged _<row>_seed<k>). --merge pools severa
   python tools/compare.py --variants=ki,joint --out_dir=out_a       # some rows (merged later)
   python tools/compare.py --merge=out_a,out_b --out_dir=out_all     # one compare.md from several
 
-Every setting of train_toy.py applies to each row (python tools/compare.py --help).
+Every setting of train_toy.py applies to each row (python tools/compare.py --help), but --variant
+(each row sets its own; --variants picks rows), --vqa_frac in the no-VQA rows (0) and --eval_only.
 """
 
 import argparse
@@ -64,6 +65,11 @@ def make_parser():
 
 
 def main(argv):
+    cli.refuse_a_student_copy(argv)  # the course's copy runs once its exercises are written
+    for flag, why in (("variant", "choose rows with --variants"), ("eval_only", "evaluate with "
+                      "python train_toy.py --eval_only"), ("instruction", "it is --eval_only's")):
+        if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in argv):
+            raise SystemExit(f"error: tools/compare.py has no --{flag}: {why}")
     s, cfg = train_toy.start(argv, make_parser())
     if s["merge"]:
         return merge(s)

@@ -14,7 +14,9 @@ tools/speed.py: the speed machinery train_toy.py calls in one line each, out of 
   trim_suffix       drop the suffix columns no row uses (a shorter row: a cheaper step)
   only_rank0_prints under torchrun only rank 0 prints
 
-Everything here is a no-op or the plain call on a CPU: a reader can skip this file.
+On a CPU everything here is a no-op or the plain call, but for three pieces of the recipe written
+for speed: AdamW's settings (betas 0.9 / 0.95, weight decay on matrices only), the EMA's update,
+and trim_suffix (which drops only padding columns): the rest a reader can skip.
 """
 
 import contextlib
@@ -206,6 +208,7 @@ def autocast(device, amp=True):
     """bf16 autocast on CUDA with --amp, a no-op elsewhere (no weight cache: a graph replays it)."""
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
                           enabled=device.type == "cuda" and amp, cache_enabled=False)
+
 
 def adamw(params, weight_decay, lr):
     """AdamW, weight decay on matrices only; fused on CPU and CUDA; capturable on CUDA (the step
