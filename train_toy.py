@@ -93,7 +93,7 @@ def make_parser(prog="train_toy.py", description=__doc__):
     add(g, "fast_vocab", 512, "FAST: BPE vocabulary size (ids), base symbols included")
     add(g, "n_vqa", 30000, "VQA questions in the pool for pretraining and co-training")
     g = p.add_argument_group("training", "toy VLM pretraining, then robot training")
-    add(g, "pretrain_steps", 1000, "toy VLM pretraining steps (VQA only), per block")
+    add(g, "pretrain_steps", 2000, "toy VLM pretraining steps (VQA only), per block")
     add(g, "pretrain_min_vqa", 0.7, "restart a VLM under this held-out VQA accuracy (pretrain_vlm)")
     add(g, "pretrain_blocks", 4, "at most this many pretraining blocks (the first + restarts)")
     add(g, "train_steps", 3000, "robot training steps")
