@@ -766,7 +766,7 @@ def test_every_metrics_key_written_is_explained_and_every_explained_key_written(
     d = compared[0]
     written = set().union(*(keys(json.loads((d / x / "metrics.json").read_text())) for x in "abc"))
     std = {k for k in written if k.endswith("_std")}
-    assert {k[:-4] for k in std} == set(train_toy.SPREAD)
+    assert {k[:-4] for k in std} == set(train_toy.outputs.SPREAD)
     page = open(os.path.join(os.path.dirname(__file__), "docs", "outputs.md")).read()
     explained = set(re.findall(r"^\| `([^`]+)` \|", page.split("## metrics.json")[1], re.M))
     assert written - std == explained - {"<key>_std", "from"}
@@ -845,7 +845,7 @@ def test_eval_only_tries_the_tasks_its_checkpoint_trained_on(compared, tmp_path,
     seen = []
     monkeypatch.setattr(train_toy, "rollouts", lambda m, tasks, *a, **kw: seen.append((tasks, kw["seed"])) or (
         np.zeros(2), 0.0, []))
-    monkeypatch.setattr(train_toy.plots, "write_gif", lambda *a: None)
+    monkeypatch.setattr(train_toy.outputs, "write_gif", lambda *a: None)
     train_toy.main(["--eval_only", f"--init_from={tmp_path / 'ckpt.pt'}", "--gif_episodes=1", "--seed=7"])
     (tasks, seed), = seen
     assert tasks == kivla.task_splits("blue")["train"] and seed == 7
@@ -1085,6 +1085,19 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
     with pytest.raises(SystemExit, match="^error: .*old_ckpt.pt does not fit"):
         train_toy.main(["--eval_only", f"--init_from={tmp_path / 'old_ckpt.pt'}", f"--out_dir={tmp_path}"])
 
+    with pytest.raises(SystemExit, match=f"^error: .*old.pt has fast_vocab={tok.vocab_size}, not 7$"):
+        cli.load_checkpoint(tmp_path / "old.pt", vocab=7)  # --init_from with another --fast_vocab
+
+
+def test_hf_tiny_without_transformers_says_how_to_install_it_in_one_line(demo, monkeypatch):
+    obs, chunks, tok = demo
+
+    def missing(*a):
+        raise ImportError("No module named 'transformers'")
+    monkeypatch.setattr(kivla, "tiny_paligemma", missing)
+    s, cfg = train_toy.parse_args(["--backbone=hf-tiny"])
+    with pytest.raises(SystemExit, match="^error: hf-tiny needs transformers>=5: pip install transformers$"):
+        train_toy.build_model(s, cfg, tok)
 
 def test_vlm_pretraining_holds_its_learning_rate_after_the_warm_up_and_robot_training_decays(demo, tmp_path,
                                                                                              monkeypatch):

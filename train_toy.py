@@ -13,9 +13,9 @@ keeps, the gradients each loss sends into it, 6) outputs (docs/outputs.md), 7) m
   python train_toy.py --backbone=hf-tiny --quick                 # a tiny random HF PaliGemma as VLM
   torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # data parallel: DDP, 2 processes
 
-tools/: compare.py (every variant), bench.py, figures.py; imported here: cli.py (the command
-line's plumbing: every bad input one line), plots.py (a run's pictures), speed.py (CUDA graphs,
-DDP, and AdamW and the EMA in forms a CUDA graph can replay).
+tools/: compare.py (every variant), bench.py, figures.py; imported here: cli.py (the command line's
+plumbing: every bad input one line), outputs.py (a run's files), speed.py (CUDA graphs, DDP, and
+AdamW and the EMA in forms a CUDA graph can replay).
 """
 
 import copy
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import kivla
-from tools import cli, plots, speed
+from tools import cli, outputs, speed
 
 # --------------------------------------------------------------------------------------------------
 # settings: argparse, grouped; every kivla.Config field but those the toy fixes is a setting too
@@ -215,13 +215,8 @@ class Data:
 
 def build_model(s, cfg, tok):
     """The toy VLM, or (--backbone=hf-tiny) a tiny random HuggingFace PaliGemma behind it."""
-    if s["backbone"] == "toy":
-        return kivla.KIVLA(cfg, tok)
-    try:
-        hf = kivla.tiny_paligemma(cfg, tok.vocab_size)
-    except ImportError:
-        raise SystemExit("error: hf-tiny needs transformers>=5: pip install transformers")
-    return kivla.KIVLA(cfg, tok, backbone=kivla.HFBackbone(hf))
+    hf = s["backbone"] == "hf-tiny"
+    return kivla.KIVLA(cfg, tok, backbone=cli.hf_tiny(cfg, tok) if hf else None)
 
 
 def pretrain_vlm(s, cfg, tok, vqa, vqa_eval):
@@ -513,48 +508,15 @@ def steps_to(history, level=0.5):
 # --------------------------------------------------------------------------------------------------
 # 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md
 
-SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success",
-          "vqa_acc_after", "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc",
-          "first_action_mse", "malformed_fast", "flow_to_ce_grad", "grad_cos", "vqa_acc_min_train",
-          "probe_acc_min_train")
-SHOWN = (("success", "success"), ("heldout_success", "held-out combos"),  # printed per seed
-         ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))
-
-
 def write_run(s, tag, ema, metrics, history, episodes):
     """One robot-training run's files: ckpt, curves, interference, history, rollouts."""
     path = lambda name, ext: os.path.join(s["out_dir"], f"{name}{tag}.{ext}")  # noqa: E731
     ema.cpu().save(path("ckpt", "pt"), settings={k: v for k, v in s.items() if k != "device"},
                    metrics=metrics)
-    plots.draw_curves(history, path("curves", "png"))
-    plots.draw_interference([(metrics["variant"], [history["vlm"]])], path("interference", "png"))
-    write_json(history, path("history", "json"), indent=None)
-    plots.write_gif(episodes, path("rollouts", "gif"))
-
-
-def summarize(runs):
-    """Per-seed metrics -> one dict: every number's mean, the std of the SPREAD ones, every run;
-    what is not a number (the curve, the watch) is the first seed's."""
-    out = {k: v for k, v in runs[0].items() if k != "seed"}  # what every run shares stays as it is
-    for k, v in out.items():
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if number and len({r[k] for r in runs}) > 1:
-            out[k] = float(np.mean([r[k] for r in runs]))
-    out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in SPREAD})
-    out.update(seeds=[r["seed"] for r in runs], n_seeds=len(runs), runs=runs)
-    return out
-
-
-def write_json(obj, path, indent=2):
-    """Strict JSON: a number that is not finite (NaN: a split or measure a run lacks) -> null."""
-    def strict(x):
-        if isinstance(x, dict):
-            return {k: strict(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [strict(v) for v in x]
-        return None if isinstance(x, float) and not math.isfinite(x) else x
-    with open(path, "w") as f:
-        json.dump(strict(obj), f, indent=indent, allow_nan=False)
+    outputs.draw_curves(history, path("curves", "png"))
+    outputs.draw_interference([(metrics["variant"], [history["vlm"]])], path("interference", "png"))
+    outputs.write_json(history, path("history", "json"), indent=None)
+    outputs.write_gif(episodes, path("rollouts", "gif"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,11 +538,8 @@ def prepare(s, cfg):
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, scripted-policy success "
           f"{scripted_rate:.2f} (noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
-    init = cli.load_checkpoint(s["init_from"]) if s["init_from"] else None
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)  # deterministic
-    if init and init["fast_tokenizer"]["vocab_size"] != tok.vocab_size:
-        raise SystemExit(f"error: {s['init_from']} has fast_vocab="
-                         f"{init['fast_tokenizer']['vocab_size']}, not {tok.vocab_size}")
+    init = cli.load_checkpoint(s["init_from"], vocab=tok.vocab_size) if s["init_from"] else None
     n_fast = np.mean([len(ids) for ids in tok.encode_batch(chunks[:2000])])  # all at once
     print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for "
           "per-dimension binning")
@@ -692,11 +651,8 @@ def run_seeds(s, cfg, tok, data, row=""):
         m.update(row=row or cfg.variant, fast_tokens_per_chunk=data.fast_tokens,
                  demo_samples=len(data.demos[0]))
         runs.append(m)
-        print(f"{m['row']:5s} seed {seed} | " + " | ".join(f"{n} {m[k]:.3f}" for k, n in SHOWN)
-              + f" | FAST acc {m['fast_token_acc']:.2f} | 1st-action err "
-              f"{m['first_action_mse']:.3f} | VQA {m['vqa_acc_before']:.2f} -> "
-              f"{m['vqa_acc_after']:.2f} | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
-    return summarize(runs) if runs else None
+        outputs.print_seed(m)
+    return outputs.summarize(runs) if runs else None
 
 
 def finish(s, data, results, write):
@@ -710,9 +666,7 @@ def finish(s, data, results, write):
     for r in results:
         r.update(scripted_success=scripted_ok, wall_time_s=wall)
         if s["seeds"] > 1:
-            print(f"{r['row']:5s} over {s['seeds']} seeds: " + " | ".join(
-                f"{n} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})"
-                for k, n in SHOWN))
+            outputs.print_spread(r)
     out = write(results)
     print(f"scripted policy on the same seeds: {scripted_ok:.2f}; wall {wall / 60:.1f} min; "
           f"wrote {s['out_dir']}/")
@@ -731,7 +685,7 @@ def eval_only(s):
     tasks = cli.instruction_task(model, text) if text else kivla.task_splits(unseen)["train"]
     ok, _, eps = rollouts(model, tasks, range(EVAL_SEED, EVAL_SEED + n), s["replan"],
                           s["num_steps"], text or None, n, seed=s["seed"], graph=s["cuda_graph"])
-    plots.write_gif(eps, os.path.join(s["out_dir"], "try.gif"))
+    outputs.write_gif(eps, os.path.join(s["out_dir"], "try.gif"))
     print(f"success {ok.mean():.2f} over {n} seeds; wrote {os.path.join(s['out_dir'], 'try.gif')}")
     return {"success": float(ok.mean()), "episodes": ok.tolist()}
 
@@ -749,19 +703,17 @@ def start(argv, parser=None):
     return s, cfg
 
 
-def run(s, cfg):
-    """The main job: one variant for --seeds seeds from one VLM -> metrics.json (the summary)."""
-    tok, data = prepare(s, cfg)
-    results = [run_seeds(s, cfg, tok, data)]
-    return finish(s, data, results, lambda results: write_json(
-        results[0], os.path.join(s["out_dir"], "metrics.json")) or results[0])
-
-
 def main(argv):
+    """The main job: one variant for --seeds seeds from one VLM -> metrics.json (the summary)."""
     cli.refuse_a_student_copy(argv)  # the course's copy runs once its exercises are written
     s, cfg = start(argv)
     with speed.only_rank0_prints(s):  # under torchrun only rank 0 prints (and writes outputs)
-        return eval_only(s) if s["eval_only"] else run(s, cfg)
+        if s["eval_only"]:
+            return eval_only(s)
+        tok, data = prepare(s, cfg)
+        results = [run_seeds(s, cfg, tok, data)]
+        return finish(s, data, results, lambda results: outputs.write_json(
+            results[0], os.path.join(s["out_dir"], "metrics.json")) or results[0])
 
 
 if __name__ == "__main__":

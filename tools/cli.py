@@ -150,9 +150,10 @@ def instruction_task(model, text):
     return tasks
 
 
-def load_checkpoint(path, trained=False):
+def load_checkpoint(path, trained=False, vocab=None):
     """torch.load (weights only) with one clear line for what cannot be used: a file that is not a
-    kivla checkpoint, or (trained=True) pretrained.pt, whose action expert never trained."""
+    kivla checkpoint, (trained=True) pretrained.pt, whose action expert never trained, or one whose
+    FAST vocabulary is not `vocab`."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         why = "it holds no model, config and FAST tokenizer"
@@ -163,7 +164,18 @@ def load_checkpoint(path, trained=False):
     if trained and "settings" not in ck:
         raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
                          "expert is random): evaluate a ckpt.pt from a training run")
+    if vocab is not None and ck["fast_tokenizer"]["vocab_size"] != vocab:
+        raise SystemExit(f"error: {path} has fast_vocab={ck['fast_tokenizer']['vocab_size']}, "
+                         f"not {vocab}")
     return ck
+
+
+def hf_tiny(cfg, tok):
+    """--backbone=hf-tiny: a tiny random HuggingFace PaliGemma as the VLM backbone."""
+    try:
+        return kivla.HFBackbone(kivla.tiny_paligemma(cfg, tok.vocab_size))
+    except ImportError:
+        raise SystemExit("error: hf-tiny needs transformers>=5: pip install transformers") from None
 
 
 def load_trained(path, device):

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import kivla  # noqa: E402
 import train_toy  # noqa: E402
-from tools import cli, plots, speed  # noqa: E402
+from tools import cli, outputs, speed  # noqa: E402
 
 # (name, variant, setting overrides), in the table's order
 ROWS = [("ki", "ki", {}), ("joint", "joint", {}), ("pi0", "pi0", {}), ("fast", "fast", {}),
@@ -89,7 +89,7 @@ def main(argv):
 def write(s, results):
     """metrics.json ({"compare": the rows' summaries}), compare.md, compare.png, interference.png"""
     out = {"compare": results}
-    train_toy.write_json(out, os.path.join(s["out_dir"], "metrics.json"))
+    outputs.write_json(out, os.path.join(s["out_dir"], "metrics.json"))
     write_compare(results, s, os.path.join(s["out_dir"], "compare.md"),
                   os.path.join(s["out_dir"], "compare.png"))
     print(open(os.path.join(s["out_dir"], "compare.md")).read())
@@ -150,7 +150,7 @@ def write_compare(results, s, path_md, path_png):
     flows = [(r["runs"][0]["row"], [x["vlm_watch"] for x in r["runs"]]) for r in results
              if r["runs"][0]["variant"] != "fast" and all("vlm_watch" in x for x in r["runs"])]
     if flows:
-        plots.draw_interference(flows, os.path.join(os.path.dirname(path_md), "interference.png"))
+        outputs.draw_interference(flows, os.path.join(os.path.dirname(path_md), "interference.png"))
     draw_success(results, path_png)
 
 
@@ -171,7 +171,7 @@ def draw_success(results, path, size=(760, 360)):
     curves = [([st for st, _ in r["runs"][0]["curve"]],
                np.array([[val for _, val in x["curve"]] for x in r["runs"]])) for r in results]
     for i, (steps, v) in enumerate(curves):  # the bands first, the lines on top
-        light = tuple(int(255 - 0.25 * (255 - ch)) for ch in plots.color(i))
+        light = tuple(int(255 - 0.25 * (255 - ch)) for ch in outputs.color(i))
         if len(steps) > 1:
             top = [(X(st), Y(hi)) for st, hi in zip(steps, v.max(0))]
             dr.polygon(top + [(X(st), Y(lo)) for st, lo in zip(steps[::-1], v.min(0)[::-1])],
@@ -179,15 +179,15 @@ def draw_success(results, path, size=(760, 360)):
     for i, ((steps, v), r) in enumerate(zip(curves, results)):
         pts = [(X(st), Y(val)) for st, val in zip(steps, v.mean(0))]
         if len(pts) > 1:
-            dr.line(pts, fill=plots.color(i), width=2)
+            dr.line(pts, fill=outputs.color(i), width=2)
         for x, y in pts:
-            dr.ellipse([x - 2, y - 2, x + 2, y + 2], fill=plots.color(i))
-        dr.text((size[0] - R + 10, T + 16 * i), r["runs"][0]["row"], fill=plots.color(i))
+            dr.ellipse([x - 2, y - 2, x + 2, y + 2], fill=outputs.color(i))
+        dr.text((size[0] - R + 10, T + 16 * i), r["runs"][0]["row"], fill=outputs.color(i))
     img.save(path)
 
 
 def read_json(path):
-    """train_toy.write_json's inverse for metrics: null -> NaN (the tables expect numbers)."""
+    """outputs.write_json's inverse for metrics: null -> NaN (the tables expect numbers)."""
     def loose(x):
         if isinstance(x, dict):
             return {k: loose(v) for k, v in x.items()}
@@ -223,7 +223,7 @@ def merge(s):
             for x in runs:
                 x["row"] = f"{name} alpha={fw:g}"
     order = [name for name, _, _ in ROWS]
-    results = [train_toy.summarize(rows[k]) for k in sorted(rows, key=lambda k: (
+    results = [outputs.summarize(rows[k]) for k in sorted(rows, key=lambda k: (
         k[1], order.index(k[0]) if k[0] in order else len(order), k[0]))]
     (steps, episodes, _), = budgets
     write({**s, "train_steps": steps, "eval_episodes": episodes}, results)

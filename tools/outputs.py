@@ -1,8 +1,11 @@
 """
-tools/plots.py: the pictures a run draws (PIL only, no matplotlib): curves.png, interference.png and
-rollouts.gif; tools/compare.py draws compare.png with the same palette. Imported by train_toy.py.
+tools/outputs.py: what a run writes beside its checkpoint (every file: docs/outputs.md). The
+pictures (PIL only, no matplotlib): curves.png, interference.png, rollouts.gif (tools/compare.py's
+compare.png uses the same palette); the numbers: strict JSON, one summary over seeds, the lines
+printed per seed and over seeds. Imported by train_toy.py.
 """
 
+import json
 import math
 
 import numpy as np
@@ -136,3 +139,54 @@ def write_gif(episodes, path):
             frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # faster than save()'s
         frames.extend([frames[-1]] * 5)  # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the numbers: strict JSON, one summary over seeds, the lines printed
+
+SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success",
+          "vqa_acc_after", "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc",
+          "first_action_mse", "malformed_fast", "flow_to_ce_grad", "grad_cos", "vqa_acc_min_train",
+          "probe_acc_min_train")
+SHOWN = (("success", "success"), ("heldout_success", "held-out combos"),  # printed per seed
+         ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))
+
+
+def summarize(runs):
+    """Per-seed metrics -> one dict: every number's mean, the std of the SPREAD ones, every run;
+    what is not a number (the curve, the watch) is the first seed's."""
+    out = {k: v for k, v in runs[0].items() if k != "seed"}  # what every run shares stays as it is
+    for k, v in out.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if number and len({r[k] for r in runs}) > 1:
+            out[k] = float(np.mean([r[k] for r in runs]))
+    out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in SPREAD})
+    out.update(seeds=[r["seed"] for r in runs], n_seeds=len(runs), runs=runs)
+    return out
+
+
+def write_json(obj, path, indent=2):
+    """Strict JSON: a number that is not finite (NaN: a split or measure a run lacks) -> null."""
+    def strict(x):
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+    with open(path, "w") as f:
+        json.dump(strict(obj), f, indent=indent, allow_nan=False)
+
+
+def print_seed(m):
+    """One seed's line, as it finishes."""
+    print(f"{m['row']:5s} seed {m['seed']} | " + " | ".join(f"{n} {m[k]:.3f}" for k, n in SHOWN)
+          + f" | FAST acc {m['fast_token_acc']:.2f} | 1st-action err {m['first_action_mse']:.3f}"
+          f" | VQA {m['vqa_acc_before']:.2f} -> {m['vqa_acc_after']:.2f}"
+          f" | {m['latency_ms_per_chunk_b1']:.1f} ms/chunk")
+
+
+def print_spread(r):
+    """A summary's line: mean ± std (worst seed) of the SHOWN numbers."""
+    print(f"{r['row']:5s} over {r['n_seeds']} seeds: " + " | ".join(
+        f"{n} {r[k]:.3f} ± {r[k + '_std']:.3f} (worst {min(x[k] for x in r['runs']):.3f})"
+        for k, n in SHOWN))
