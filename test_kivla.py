@@ -814,8 +814,8 @@ def test_merge_keeps_each_flow_weight_a_row_of_its_own(compared, tmp_path):
 
 
 def test_steps_to_interpolates_between_the_curves_points():
-    assert train_toy.steps_to({"eval": [{"step": 100, "success": 0.2}, {"step": 200, "success": 0.6}]}) == 175
-    assert math.isnan(train_toy.steps_to({"eval": [{"step": 100, "success": 0.2}]}))
+    assert train_toy.outputs.steps_to({"eval": [{"step": 100, "success": 0.2}, {"step": 200, "success": 0.6}]}) == 175
+    assert math.isnan(train_toy.outputs.steps_to({"eval": [{"step": 100, "success": 0.2}]}))
 
 
 def test_eval_only_names_unknown_words_and_writes_its_gif_beside_the_checkpoint(compared, tmp_path, capsys):

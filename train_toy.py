@@ -14,8 +14,8 @@ keeps, the gradients each loss sends into it, 6) outputs (docs/outputs.md), 7) m
   torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # data parallel: DDP, 2 processes
 
 tools/: compare.py (every variant), bench.py, figures.py; imported here: cli.py (the command line's
-plumbing: every bad input one line), outputs.py (a run's files), speed.py (CUDA graphs, DDP, and
-AdamW and the EMA in forms a CUDA graph can replay).
+plumbing: every bad input one line), outputs.py (a run's files and numbers), speed.py (CUDA graphs,
+DDP, and AdamW and the EMA in forms a CUDA graph can replay).
 """
 
 import copy
@@ -485,26 +485,6 @@ def interference(model, batch, noise, time):
     return {"ce_grad": n_ce.item(), "flow_grad": n_flow.item(), "grad_cos": cos.item()}
 
 
-def watch_summary(watched):
-    """The watched steps in four numbers (docs/outputs.md, flow_to_ce_grad and below)."""
-    w = [r for r in watched if r["step"] > 0] or watched
-    ratio = [r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w]
-    return {"flow_to_ce_grad": float(np.mean(ratio)),
-            "grad_cos": float(np.mean([r["grad_cos"] for r in w])),
-            "vqa_acc_min_train": min(r["vqa_acc"] for r in watched),
-            "probe_acc_min_train": min(r["probe_acc"] for r in watched)}
-
-
-def steps_to(history, level=0.5):
-    """First step the curve's success reaches `level`, interpolated; NaN if it never does."""
-    s0, v0 = 0, 0.0
-    for r in history["eval"]:
-        if r["success"] >= level:
-            return s0 + (level - v0) / max(r["success"] - v0, 1e-9) * (r["step"] - s0)
-        s0, v0 = r["step"], r["success"]
-    return float("nan")
-
-
 # --------------------------------------------------------------------------------------------------
 # 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md
 
@@ -627,9 +607,10 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
         "vqa_acc_before": data.vqa_before, "vqa_acc_after": vqa_accuracy(ema, data.vqa_eval),
         "probe_acc_before": data.probe_before,
         "probe_acc_after": probe_accuracy(ema, data.probe, data.probe_iters),
-        "steps_to_50pct": steps_to(history, 0.5), "steps_to_80pct": steps_to(history, 0.8),
+        "steps_to_50pct": outputs.steps_to(history, 0.5),
+        "steps_to_80pct": outputs.steps_to(history, 0.8),
         "curve": [(r["step"], r["success"]) for r in history["eval"]],
-        **watch_summary(history["vlm"]), "vlm_watch": history["vlm"],
+        **outputs.watch_summary(history["vlm"]), "vlm_watch": history["vlm"],
         "latency_ms_per_chunk_b1": 1000 * speed.latency(  # batch 1, the first evaluation seed
             ema, kivla.PushEnv().reset(seed=EVAL_SEED)[0], s["num_steps"], 3 if s["quick"] else 20),
         "batched_eval_ms_per_chunk": 1000 * chunk_s, "train_time_s": train_time,

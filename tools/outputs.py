@@ -1,8 +1,8 @@
 """
 tools/outputs.py: what a run writes beside its checkpoint (every file: docs/outputs.md). The
 pictures (PIL only, no matplotlib): curves.png, interference.png, rollouts.gif (tools/compare.py's
-compare.png uses the same palette); the numbers: strict JSON, one summary over seeds, the lines
-printed per seed and over seeds. Imported by train_toy.py.
+compare.png uses the same palette); the numbers: the VLM watch and the curve summed up, one summary
+over seeds, strict JSON, the lines printed per seed and over seeds. Imported by train_toy.py.
 """
 
 import json
@@ -142,7 +142,8 @@ def write_gif(episodes, path):
 
 
 # --------------------------------------------------------------------------------------------------
-# the numbers: strict JSON, one summary over seeds, the lines printed
+# the numbers: the watch and the curve in a few numbers each, one summary over seeds, strict JSON,
+# the lines printed
 
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success",
           "vqa_acc_after", "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc",
@@ -150,6 +151,26 @@ SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_
           "probe_acc_min_train")
 SHOWN = (("success", "success"), ("heldout_success", "held-out combos"),  # printed per seed
          ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))
+
+
+def watch_summary(watched):
+    """The watched steps in four numbers (docs/outputs.md, flow_to_ce_grad and below)."""
+    w = [r for r in watched if r["step"] > 0] or watched
+    ratio = [r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w]
+    return {"flow_to_ce_grad": float(np.mean(ratio)),
+            "grad_cos": float(np.mean([r["grad_cos"] for r in w])),
+            "vqa_acc_min_train": min(r["vqa_acc"] for r in watched),
+            "probe_acc_min_train": min(r["probe_acc"] for r in watched)}
+
+
+def steps_to(history, level=0.5):
+    """First step the curve's success reaches `level`, interpolated; NaN if it never does."""
+    s0, v0 = 0, 0.0
+    for r in history["eval"]:
+        if r["success"] >= level:
+            return s0 + (level - v0) / max(r["success"] - v0, 1e-9) * (r["step"] - s0)
+        s0, v0 = r["step"], r["success"]
+    return float("nan")
 
 
 def summarize(runs):
