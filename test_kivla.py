@@ -22,7 +22,7 @@ from PIL import Image
 
 import kivla
 import train_toy
-from tools import cli, compare, figures, speed
+from tools import cli, compare, figures, outputs, speed
 from train_toy import EVAL_SEED
 
 # ------------------------------------------------------------------------------------------------
@@ -766,7 +766,7 @@ def test_every_metrics_key_written_is_explained_and_every_explained_key_written(
     d = compared[0]
     written = set().union(*(keys(json.loads((d / x / "metrics.json").read_text())) for x in "abc"))
     std = {k for k in written if k.endswith("_std")}
-    assert {k[:-4] for k in std} == set(train_toy.outputs.SPREAD)
+    assert {k[:-4] for k in std} == set(outputs.SPREAD)
     page = open(os.path.join(os.path.dirname(__file__), "docs", "outputs.md")).read()
     explained = set(re.findall(r"^\| `([^`]+)` \|", page.split("## metrics.json")[1], re.M))
     assert written - std == explained - {"<key>_std", "from"}
@@ -814,8 +814,8 @@ def test_merge_keeps_each_flow_weight_a_row_of_its_own(compared, tmp_path):
 
 
 def test_steps_to_interpolates_between_the_curves_points():
-    assert train_toy.outputs.steps_to({"eval": [{"step": 100, "success": 0.2}, {"step": 200, "success": 0.6}]}) == 175
-    assert math.isnan(train_toy.outputs.steps_to({"eval": [{"step": 100, "success": 0.2}]}))
+    assert outputs.steps_to({"eval": [{"step": 100, "success": 0.2}, {"step": 200, "success": 0.6}]}) == 175
+    assert math.isnan(outputs.steps_to({"eval": [{"step": 100, "success": 0.2}]}))
 
 
 def test_eval_only_names_unknown_words_and_writes_its_gif_beside_the_checkpoint(compared, tmp_path, capsys):
@@ -845,7 +845,7 @@ def test_eval_only_tries_the_tasks_its_checkpoint_trained_on(compared, tmp_path,
     seen = []
     monkeypatch.setattr(train_toy, "rollouts", lambda m, tasks, *a, **kw: seen.append((tasks, kw["seed"])) or (
         np.zeros(2), 0.0, []))
-    monkeypatch.setattr(train_toy.outputs, "write_gif", lambda *a: None)
+    monkeypatch.setattr(outputs, "write_gif", lambda *a: None)
     train_toy.main(["--eval_only", f"--init_from={tmp_path / 'ckpt.pt'}", "--gif_episodes=1", "--seed=7"])
     (tasks, seed), = seen
     assert tasks == kivla.task_splits("blue")["train"] and seed == 7
@@ -1085,8 +1085,15 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
     with pytest.raises(SystemExit, match="^error: .*old_ckpt.pt does not fit"):
         train_toy.main(["--eval_only", f"--init_from={tmp_path / 'old_ckpt.pt'}", f"--out_dir={tmp_path}"])
 
-    with pytest.raises(SystemExit, match=f"^error: .*old.pt has fast_vocab={tok.vocab_size}, not 7$"):
-        cli.load_checkpoint(tmp_path / "old.pt", vocab=7)  # --init_from with another --fast_vocab
+
+
+def test_init_from_with_another_fast_vocab_is_refused_before_any_work(demo, tmp_path):
+    obs, chunks, tok = demo
+    tiny(tok).save(tmp_path / "pretrained.pt", vqa_acc=0.5)
+    other = tok.vocab_size + 1
+    with pytest.raises(SystemExit, match=f"^error: .*pretrained.pt has fast_vocab={tok.vocab_size}, not {other}$"):
+        train_toy.parse_args([f"--init_from={tmp_path / 'pretrained.pt'}", f"--fast_vocab={other}"])
+    assert train_toy.parse_args([f"--init_from={tmp_path / 'pretrained.pt'}", f"--fast_vocab={tok.vocab_size}"])
 
 
 def test_hf_tiny_without_transformers_says_how_to_install_it_in_one_line(demo, monkeypatch):
@@ -1098,6 +1105,7 @@ def test_hf_tiny_without_transformers_says_how_to_install_it_in_one_line(demo, m
     s, cfg = train_toy.parse_args(["--backbone=hf-tiny"])
     with pytest.raises(SystemExit, match="^error: hf-tiny needs transformers>=5: pip install transformers$"):
         train_toy.build_model(s, cfg, tok)
+
 
 def test_vlm_pretraining_holds_its_learning_rate_after_the_warm_up_and_robot_training_decays(demo, tmp_path,
                                                                                              monkeypatch):

@@ -19,7 +19,6 @@ DDP, and AdamW and the EMA in forms a CUDA graph can replay).
 """
 
 import copy
-import json
 import math
 import os
 import sys
@@ -486,7 +485,8 @@ def interference(model, batch, noise, time):
 
 
 # --------------------------------------------------------------------------------------------------
-# 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md
+# 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md;
+#    tools/outputs.py draws, writes and sums them up
 
 def write_run(s, tag, ema, metrics, history, episodes):
     """One robot-training run's files: ckpt, curves, interference, history, rollouts."""
@@ -518,8 +518,8 @@ def prepare(s, cfg):
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, scripted-policy success "
           f"{scripted_rate:.2f} (noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
+    init = cli.load_checkpoint(s["init_from"]) if s["init_from"] else None  # checked: cli
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)  # deterministic
-    init = cli.load_checkpoint(s["init_from"], vocab=tok.vocab_size) if s["init_from"] else None
     n_fast = np.mean([len(ids) for ids in tok.encode_batch(chunks[:2000])])  # all at once
     print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for "
           "per-dimension binning")
@@ -563,6 +563,8 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
     probe = ((index(tr, slice(n_tr)), tr_kind[:n_tr], tr_y[:n_tr]),
              (index(te, slice(n_te)), te_kind[:n_te], te_y[:n_te]))
 
+    # the VLM watch: at watch_steps (train), interference and probe (5), summed up and drawn in
+    # tools/outputs.py
     def watch(model, step):  # the training weights (the EMA would hide early damage)
         t0 = time.perf_counter()
         history["vlm"].append({"step": step, **interference(model, *fixed),
@@ -607,7 +609,7 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
         "vqa_acc_before": data.vqa_before, "vqa_acc_after": vqa_accuracy(ema, data.vqa_eval),
         "probe_acc_before": data.probe_before,
         "probe_acc_after": probe_accuracy(ema, data.probe, data.probe_iters),
-        "steps_to_50pct": outputs.steps_to(history, 0.5),
+        "steps_to_50pct": outputs.steps_to(history, 0.5),  # the curve and watch summed up
         "steps_to_80pct": outputs.steps_to(history, 0.8),
         "curve": [(r["step"], r["success"]) for r in history["eval"]],
         **outputs.watch_summary(history["vlm"]), "vlm_watch": history["vlm"],
@@ -692,9 +694,11 @@ def main(argv):
         if s["eval_only"]:
             return eval_only(s)
         tok, data = prepare(s, cfg)
-        results = [run_seeds(s, cfg, tok, data)]
-        return finish(s, data, results, lambda results: outputs.write_json(
-            results[0], os.path.join(s["out_dir"], "metrics.json")) or results[0])
+
+        def write(results):  # metrics.json: the summary of the one variant
+            outputs.write_json(results[0], os.path.join(s["out_dir"], "metrics.json"))
+            return results[0]
+        return finish(s, data, [run_seeds(s, cfg, tok, data)], write)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ columns with each default after its help, did-you-mean, and every bad input one 
 unknown or moved setting (parse), a range or combination a run cannot use (check_settings), a
 device that is not here or an --out_dir that cannot be made (device_and_out_dir), a file that is
 not a checkpoint or weights that do not fit (load_checkpoint, load_trained, load_vlm_weights), an
---instruction too long (instruction_task), and a student copy of kivla.py with exercises left
-(refuse_a_student_copy).
+--instruction too long (instruction_task), --backbone=hf-tiny without transformers (hf_tiny), and a
+student copy of kivla.py with exercises left (refuse_a_student_copy).
 """
 
 import argparse
@@ -96,7 +96,8 @@ def check_settings(s):
     if s["eval_only"] and not s["init_from"]:
         raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=ckpt.pt")
     if s["init_from"]:  # now, not after minutes of data and pretraining
-        load_checkpoint(s["init_from"], trained=s["eval_only"])
+        load_checkpoint(s["init_from"], trained=s["eval_only"],
+                        fast_vocab=None if s["eval_only"] else s["fast_vocab"])
     if s["eval_only"] and s["gif_episodes"] < 1:
         raise SystemExit("error: --eval_only evaluates 2 x --gif_episodes episodes: give >= 1")
     if s["instruction"] and not s["eval_only"]:
@@ -150,10 +151,19 @@ def instruction_task(model, text):
     return tasks
 
 
-def load_checkpoint(path, trained=False, vocab=None):
+def hf_tiny(cfg, tok):
+    """--backbone=hf-tiny: a tiny random HuggingFace PaliGemma as the VLM backbone; without
+    transformers, one line that says how to install it."""
+    try:
+        return kivla.HFBackbone(kivla.tiny_paligemma(cfg, tok.vocab_size))
+    except ImportError:
+        raise SystemExit("error: hf-tiny needs transformers>=5: pip install transformers") from None
+
+
+def load_checkpoint(path, trained=False, fast_vocab=None):
     """torch.load (weights only) with one clear line for what cannot be used: a file that is not a
     kivla checkpoint, (trained=True) pretrained.pt, whose action expert never trained, or one whose
-    FAST vocabulary is not `vocab`."""
+    FAST vocabulary is not `fast_vocab`."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         why = "it holds no model, config and FAST tokenizer"
@@ -164,18 +174,10 @@ def load_checkpoint(path, trained=False, vocab=None):
     if trained and "settings" not in ck:
         raise SystemExit(f"error: {path} is a VLM-only checkpoint (pretrained.pt: its action "
                          "expert is random): evaluate a ckpt.pt from a training run")
-    if vocab is not None and ck["fast_tokenizer"]["vocab_size"] != vocab:
+    if fast_vocab is not None and ck["fast_tokenizer"]["vocab_size"] != fast_vocab:
         raise SystemExit(f"error: {path} has fast_vocab={ck['fast_tokenizer']['vocab_size']}, "
-                         f"not {vocab}")
+                         f"not {fast_vocab}")
     return ck
-
-
-def hf_tiny(cfg, tok):
-    """--backbone=hf-tiny: a tiny random HuggingFace PaliGemma as the VLM backbone."""
-    try:
-        return kivla.HFBackbone(kivla.tiny_paligemma(cfg, tok.vocab_size))
-    except ImportError:
-        raise SystemExit("error: hf-tiny needs transformers>=5: pip install transformers") from None
 
 
 def load_trained(path, device):

@@ -1,8 +1,9 @@
 """
-tools/outputs.py: what a run writes beside its checkpoint (every file: docs/outputs.md). The
+tools/outputs.py: a run's files, and the numbers and lines it reports (docs/outputs.md). The
 pictures (PIL only, no matplotlib): curves.png, interference.png, rollouts.gif (tools/compare.py's
 compare.png uses the same palette); the numbers: the VLM watch and the curve summed up, one summary
-over seeds, strict JSON, the lines printed per seed and over seeds. Imported by train_toy.py.
+over seeds, strict JSON, the lines printed per seed and over seeds. Imported by train_toy.py and
+tools/compare.py.
 """
 
 import json
@@ -145,22 +146,13 @@ def write_gif(episodes, path):
 # the numbers: the watch and the curve in a few numbers each, one summary over seeds, strict JSON,
 # the lines printed
 
+# keys of train_toy.run_variant's metrics that get a std over seeds (docs/outputs.md lists them)
 SPREAD = ("success", "heldout_success", "unseen_color_success", "unseen_wording_success",
           "vqa_acc_after", "probe_acc_after", "steps_to_50pct", "steps_to_80pct", "fast_token_acc",
           "first_action_mse", "malformed_fast", "flow_to_ce_grad", "grad_cos", "vqa_acc_min_train",
           "probe_acc_min_train")
-SHOWN = (("success", "success"), ("heldout_success", "held-out combos"),  # printed per seed
+SHOWN = (("success", "success"), ("heldout_success", "held-out combos"),  # per seed, over seeds
          ("unseen_color_success", "unseen colour"), ("unseen_wording_success", "unseen wording"))
-
-
-def watch_summary(watched):
-    """The watched steps in four numbers (docs/outputs.md, flow_to_ce_grad and below)."""
-    w = [r for r in watched if r["step"] > 0] or watched
-    ratio = [r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w]
-    return {"flow_to_ce_grad": float(np.mean(ratio)),
-            "grad_cos": float(np.mean([r["grad_cos"] for r in w])),
-            "vqa_acc_min_train": min(r["vqa_acc"] for r in watched),
-            "probe_acc_min_train": min(r["probe_acc"] for r in watched)}
 
 
 def steps_to(history, level=0.5):
@@ -171,6 +163,16 @@ def steps_to(history, level=0.5):
             return s0 + (level - v0) / max(r["success"] - v0, 1e-9) * (r["step"] - s0)
         s0, v0 = r["step"], r["success"]
     return float("nan")
+
+
+def watch_summary(watched):
+    """The watched steps in four numbers (docs/outputs.md, flow_to_ce_grad and below)."""
+    w = [r for r in watched if r["step"] > 0] or watched
+    ratio = [r["flow_grad"] / max(r["ce_grad"], 1e-12) for r in w]
+    return {"flow_to_ce_grad": float(np.mean(ratio)),
+            "grad_cos": float(np.mean([r["grad_cos"] for r in w])),
+            "vqa_acc_min_train": min(r["vqa_acc"] for r in watched),
+            "probe_acc_min_train": min(r["probe_acc"] for r in watched)}
 
 
 def summarize(runs):
