@@ -10,7 +10,7 @@ import json
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # one colour per row of a figure (variants, losses, rates), in this order everywhere
 PALETTE = [(30, 150, 60), (200, 60, 40), (40, 90, 200), (150, 60, 160), (120, 200, 130),
@@ -127,16 +127,16 @@ def write_gif(episodes, path):
     instruction and, on its last frame, SUCCESS or failed."""
     if not episodes:
         return
-    frames = []
+    frames, font = [], ImageFont.load_default()  # once: each new ImageDraw would load it again
     for ep_frames, instruction, success in episodes:
         for t, f in enumerate(ep_frames):
             img = Image.fromarray(f).convert("RGB")
             dr = ImageDraw.Draw(img)
             dr.rectangle([0, 0, img.width, 14], fill="white")
-            dr.text((3, 2), instruction, fill="black")
+            dr.text((3, 2), instruction, fill="black", font=font)
             if t == len(ep_frames) - 1:
                 dr.text((3, img.height - 14), "SUCCESS" if success else "failed",
-                        fill=(0, 140, 0) if success else (200, 0, 0))
+                        fill=(0, 140, 0) if success else (200, 0, 0), font=font)
             frames.append(img.quantize(method=Image.Quantize.FASTOCTREE))  # faster than save()'s
         frames.extend([frames[-1]] * 5)  # hold the last frame
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
