@@ -1087,13 +1087,13 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
 
 
 
-def test_init_from_with_another_fast_vocab_is_refused_before_any_work(demo, tmp_path):
+def test_init_from_with_another_fast_vocab_is_refused_in_one_line(demo, tmp_path):
     obs, chunks, tok = demo
     tiny(tok).save(tmp_path / "pretrained.pt", vqa_acc=0.5)
     other = tok.vocab_size + 1
     with pytest.raises(SystemExit, match=f"^error: .*pretrained.pt has fast_vocab={tok.vocab_size}, not {other}$"):
-        train_toy.parse_args([f"--init_from={tmp_path / 'pretrained.pt'}", f"--fast_vocab={other}"])
-    assert train_toy.parse_args([f"--init_from={tmp_path / 'pretrained.pt'}", f"--fast_vocab={tok.vocab_size}"])
+        cli.load_checkpoint(tmp_path / "pretrained.pt", fast_vocab=other)  # what prepare asks, FAST fitted
+    assert cli.load_checkpoint(tmp_path / "pretrained.pt", fast_vocab=tok.vocab_size)["fast_tokenizer"]
 
 
 def test_hf_tiny_without_transformers_says_how_to_install_it_in_one_line(demo, monkeypatch):

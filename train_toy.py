@@ -518,8 +518,8 @@ def prepare(s, cfg):
     print(f"demos: {s['n_demos']} episodes, {len(obs)} samples, scripted-policy success "
           f"{scripted_rate:.2f} (noisy execution)")
     pick = np.random.default_rng(0).permutation(len(d_obs))[:400]
-    init = cli.load_checkpoint(s["init_from"]) if s["init_from"] else None  # checked: cli
     tok = kivla.FASTTokenizer(s["fast_scale"], s["fast_vocab"]).fit(chunks)  # deterministic
+    init = s["init_from"] and cli.load_checkpoint(s["init_from"], fast_vocab=tok.vocab_size)
     n_fast = np.mean([len(ids) for ids in tok.encode_batch(chunks[:2000])])  # all at once
     print(f"FAST: {n_fast:.1f} tokens/chunk vs {chunks.shape[1] * chunks.shape[2]} for "
           "per-dimension binning")

@@ -96,8 +96,7 @@ def check_settings(s):
     if s["eval_only"] and not s["init_from"]:
         raise SystemExit("error: --eval_only evaluates a trained model: add --init_from=ckpt.pt")
     if s["init_from"]:  # now, not after minutes of data and pretraining
-        load_checkpoint(s["init_from"], trained=s["eval_only"],
-                        fast_vocab=None if s["eval_only"] else s["fast_vocab"])
+        load_checkpoint(s["init_from"], trained=s["eval_only"])
     if s["eval_only"] and s["gif_episodes"] < 1:
         raise SystemExit("error: --eval_only evaluates 2 x --gif_episodes episodes: give >= 1")
     if s["instruction"] and not s["eval_only"]:
