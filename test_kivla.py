@@ -852,19 +852,17 @@ def test_eval_only_tries_the_tasks_its_checkpoint_trained_on(compared, tmp_path,
     assert not any(c == "blue" for c, _ in tasks) and any(c == "purple" for c, _ in tasks)
 
 
-def test_the_curve_ends_with_the_final_evaluation_and_never_changes_training(tmp_path):
+def test_the_curve_ends_with_the_final_evaluation_and_never_changes_training(compared, tmp_path):
     """Curve points every eval_interval steps; the last point is the final evaluation's (no second evaluation of
     the same model), with the final diagnostics. The curve draws its noise from its own generator: measuring it
     more often leaves the trained weights exactly as they were."""
-    often = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=2",
-                                       f"--out_dir={tmp_path / 'a'}"])["runs"][0]
+    often = train_toy.main(TINY_RUN + ["--eval_interval=2", f"--out_dir={tmp_path / 'a'}"])["runs"][0]
     assert [st for st, _ in often["curve"]] == [2, 4, 6] and often["curve"][-1][1] == often["success"]
     last = json.loads((tmp_path / "a" / "history.json").read_text())["eval"][-1]
     assert last["first_action_mse"] == often["first_action_mse"] and last["fast_token_acc"] == often["fast_token_acc"]
-    never = train_toy.main(TINY_RUN + ["--pretrain_steps=1", "--eval_interval=99",
-                                       f"--out_dir={tmp_path / 'b'}"])["runs"][0]
+    never = compared[2]["runs"][0]  # the fixture's plain run: TINY_RUN's eval_interval (30) > its 6 steps
     assert [st for st, _ in never["curve"]] == [6]
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("a", "b"))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (tmp_path / "a", compared[0] / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
