@@ -1084,7 +1084,6 @@ def test_a_checkpoint_from_an_older_vocabulary_gives_a_clear_error(demo, tmp_pat
         train_toy.main(["--eval_only", f"--init_from={tmp_path / 'old_ckpt.pt'}", f"--out_dir={tmp_path}"])
 
 
-
 def test_init_from_with_another_fast_vocab_is_refused_in_one_line(demo, tmp_path):
     obs, chunks, tok = demo
     tiny(tok).save(tmp_path / "pretrained.pt", vqa_acc=0.5)

@@ -8,8 +8,7 @@ keeps, the gradients each loss sends into it, 6) outputs (docs/outputs.md), 7) m
   python train_toy.py --quick          # the whole pipeline in about half a minute (success 0)
   python train_toy.py --seeds=3        # 3 robot-training seeds from one pretraining: mean ± std
   python train_toy.py --variant=pi0 --init_from=out/pretrained.pt --out_dir=out_pi0
-  python train_toy.py --eval_only --init_from=out/ckpt.pt --instruction="push the red block to the
-      top left corner"                 # writes out/try.gif, beside the checkpoint
+  python train_toy.py --eval_only --init_from=out/ckpt.pt  # out/try.gif (your own: --instruction=)
   python train_toy.py --backbone=hf-tiny --quick                 # a tiny random HF PaliGemma as VLM
   torchrun --standalone --nproc_per_node=2 train_toy.py --quick  # data parallel: DDP, 2 processes
 
@@ -485,8 +484,7 @@ def interference(model, batch, noise, time):
 
 
 # --------------------------------------------------------------------------------------------------
-# 6) outputs, in --out_dir: every file and metrics.json key is explained in docs/outputs.md;
-#    tools/outputs.py draws, writes and sums them up
+# 6) outputs in --out_dir (every file and key: docs/outputs.md; the helpers: tools/outputs.py)
 
 def write_run(s, tag, ema, metrics, history, episodes):
     """One robot-training run's files: ckpt, curves, interference, history, rollouts."""
@@ -563,8 +561,7 @@ def run_variant(s, cfg, tok, data, seed, tag=""):
     probe = ((index(tr, slice(n_tr)), tr_kind[:n_tr], tr_y[:n_tr]),
              (index(te, slice(n_te)), te_kind[:n_te], te_y[:n_te]))
 
-    # the VLM watch: at watch_steps (train), interference and probe (5), summed up and drawn in
-    # tools/outputs.py
+    # the VLM watch: at watch_steps (train), measured here, summed up and drawn by tools/outputs.py
     def watch(model, step):  # the training weights (the EMA would hide early damage)
         t0 = time.perf_counter()
         history["vlm"].append({"step": step, **interference(model, *fixed),
@@ -694,11 +691,9 @@ def main(argv):
         if s["eval_only"]:
             return eval_only(s)
         tok, data = prepare(s, cfg)
-
-        def write(results):  # metrics.json: the summary of the one variant
-            outputs.write_json(results[0], os.path.join(s["out_dir"], "metrics.json"))
-            return results[0]
-        return finish(s, data, [run_seeds(s, cfg, tok, data)], write)
+        path = os.path.join(s["out_dir"], "metrics.json")  # the summary of the one variant
+        return finish(s, data, [run_seeds(s, cfg, tok, data)],
+                      lambda results: outputs.write_json(results[0], path))
 
 
 if __name__ == "__main__":

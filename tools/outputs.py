@@ -189,7 +189,8 @@ def summarize(runs):
 
 
 def write_json(obj, path, indent=2):
-    """Strict JSON: a number that is not finite (NaN: a split or measure a run lacks) -> null."""
+    """Strict JSON: a number that is not finite (NaN: a split or measure a run lacks) -> null.
+    -> obj, as given."""
     def strict(x):
         if isinstance(x, dict):
             return {k: strict(v) for k, v in x.items()}
@@ -198,6 +199,7 @@ def write_json(obj, path, indent=2):
         return None if isinstance(x, float) and not math.isfinite(x) else x
     with open(path, "w") as f:
         json.dump(strict(obj), f, indent=indent, allow_nan=False)
+    return obj
 
 
 def print_seed(m):
