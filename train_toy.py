@@ -94,7 +94,7 @@ def make_parser(prog="train_toy.py", description=__doc__):
     add(g, "pretrain_steps", 2000, "toy VLM pretraining steps (VQA only), per block")
     add(g, "pretrain_min_vqa", 0.7, "restart a VLM under this held-out VQA accuracy (pretrain_vlm)")
     add(g, "pretrain_blocks", 4, "at most this many pretraining blocks (the first + restarts)")
-    add(g, "train_steps", 3000, "robot training steps")
+    add(g, "train_steps", 4000, "robot training steps")
     add(g, "batch_size", 64, "rows per training step (robot + VQA)")
     add(g, "vqa_frac", 0.125, "co-training: fraction of each robot batch that is VQA")
     add(g, "lr", 3e-3, "robot training's peak learning rate (AdamW)")
