@@ -101,7 +101,7 @@ def make_parser(prog="train_toy.py", description=__doc__):
     add(g, "warmup_steps", 200, "linear warm-up steps of every training phase")
     add(g, "weight_decay", 0.01, "AdamW's, on matrices only")
     add(g, "grad_clip", 1.0, "the gradient's global norm is clipped to this")
-    add(g, "ema", 0.998, "EMA of the weights, used for evaluation")
+    add(g, "ema", 0.998, "the evaluated weights' EMA: decay min(ema, (1+t)/(10+t)), 0.998 from t=4490")
     g = p.add_argument_group("evaluation", "closed-loop rollouts on held-out seeds")
     add(g, "eval_interval", 500, "steps between the curve's evaluations (50 episodes, own RNG)")
     add(g, "eval_episodes", 200, "final evaluation: episodes per split, on held-out seeds")
