@@ -893,25 +893,6 @@ def test_torchrun_ddp_with_the_hf_tiny_backbone(tmp_path):
         train_toy.main(TINY_RUN + [f"--init_from={out / 'pretrained.pt'}", f"--out_dir={tmp_path / 'x'}"])
 
 
-def test_hold_freed_memory_stops_the_page_faults_of_each_step():
-    """speed.hold_freed_memory (train_toy.start calls it): a step's pattern of activations, many MiB
-    alive at once and then all freed, reuses its memory instead of faulting it in again from the
-    kernel (glibc's default: ~5,600 faults a round here, a fifth of the pages)."""
-    import resource
-    if not speed.hold_freed_memory():
-        pytest.skip("not glibc: the allocator is the platform's own")
-
-    def one_step():
-        xs = [torch.ones(64, 43, 256) for _ in range(40)]  # 40 x 2.8 MB: the backbone MLP's size
-        del xs
-    one_step()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        one_step()
-    pages = 40 * 64 * 43 * 256 * 4 // 4096
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5 < 0.05 * pages
-
-
 def test_scale_gpu_setting_has_the_promised_shapes_and_trains_on_cpu():
     s, cfg = train_toy.parse_args(["--scale=gpu", "--batch_size=4"])
     assert s["batch_size"] == 4 and not s["compile"] and train_toy.parse_args(["--scale=gpu"])[0]["batch_size"] == 256

@@ -12,7 +12,6 @@ tools/speed.py: the speed machinery train_toy.py calls in one line each, out of 
   autocast          bf16 on CUDA (--amp), a no-op elsewhere
   adamw, ema_update_  the optimizer and the EMA in forms a CUDA graph can replay (no host syncs)
   trim_suffix       drop the suffix columns no row uses (a shorter row: a cheaper step)
-  hold_freed_memory glibc keeps freed memory: no page faults for each step's activations (CPU)
   only_rank0_prints under torchrun only rank 0 prints
 
 On a CPU everything here is a no-op or the plain call, but for three pieces of the recipe written
@@ -21,7 +20,6 @@ and trim_suffix (which drops only padding columns): the rest a reader can skip.
 """
 
 import contextlib
-import ctypes
 import io
 import os
 import time
@@ -238,21 +236,6 @@ def trim_suffix(*datasets):
     cut = ("suffix", "suffix_target", "suffix_loss")
     return [None if d is None else {k: v[:, :used] if k in cut else v for k, v in d.items()}
             for d in datasets]
-
-
-def hold_freed_memory():
-    """Speed trick for CPUs (Linux, glibc): glibc hands a freed block over ~128 KiB back to the
-    kernel (munmap, or a trim of the heap's top), so each training step's activations land on fresh
-    pages that the kernel must fault in and zero again, 4 KiB at a time. Keeping freed memory for
-    reuse removes most page faults, ~10% of a CPU step's time; no number changes (where a tensor
-    lives is not arithmetic) and the peak memory stays. -> True where glibc took both settings."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # blocks under 32 MiB come from the heap (a step's largest is ~3 MiB), which is never trimmed
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def only_rank0_prints(s):
