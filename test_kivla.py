@@ -664,8 +664,8 @@ def test_hf_backbone_overfits_a_handful_of_samples(demo):
 
 TINY_RUN = ["--quick", "--n_demos=8", "--n_vqa=200", "--pretrain_steps=6", "--train_steps=6", "--eval_episodes=2",
             "--eval_interval=30", "--gif_episodes=1", "--batch_size=8", "--d_model=32", "--n_layer=2", "--n_head=2",
-            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--replan=10", "--num_steps=2",
-            "--device=cpu"]  # same seed, same numbers: on one CPU
+            "--head_dim=8", "--expert_width=16", "--vit_width=16", "--vit_layers=1", "--action_horizon=10",
+            "--replan=10", "--num_steps=2", "--device=cpu"]  # same seed, same numbers: on one CPU
 
 
 TIMING = ("latency_ms_per_chunk_b1", "batched_eval_ms_per_chunk", "train_time_s", "run_time_s", "wall_time_s",
@@ -963,7 +963,8 @@ def test_robot_demos_never_contain_the_evaluation_splits_and_only_vqa_has_the_un
     (["--lr=-1"], "lr must be >= 0"), (["--init_from=README.md"], "README.md is not a kivla checkpoint"),
     (["--init_from=docs"], "--init_from=docs: a folder: name the .pt in it"),
     (["--fast_scale=0"], "--fast_scale must be > 0"),
-    (["--fast_vocab=10"], "--fast_vocab must be at least FAST's 27 base symbols at --fast_scale=4.0")])
+    (["--replan=6"], "--replan=6 executes more actions than a chunk holds (--action_horizon=5)"),
+    (["--fast_vocab=10"], "--fast_vocab must be at least FAST's 19 base symbols at --fast_scale=4.0")])
 def test_bad_cli_input(args, msg):
     with pytest.raises(SystemExit) as e:
         train_toy.parse_args(args)

@@ -67,7 +67,7 @@ def make_parser(prog="train_toy.py", description=__doc__):
         "stop-gradient | pi0: flow only | fast: CE(FAST) only, AR decoding",
         one_of(*kivla.VARIANTS))
     add(g, "flow_weight", C.flow_weight, "alpha in loss = CE + alpha * flow-MSE, as in pi0.5")
-    add(g, "action_horizon", C.action_horizon, "H, actions per chunk")
+    add(g, "action_horizon", 5, "H, actions per chunk: the toy executes `replan` of them (kivla: 10)")
     add(g, "patch_size", C.patch_size, "-> (64 / patch)^2 image tokens: few keep the CPU budget")
     add(g, "vit_stem", C.vit_stem, "conv: 3x3 stride-2 convs | patchify: one conv",
         one_of("conv", "patchify"))
@@ -94,7 +94,7 @@ def make_parser(prog="train_toy.py", description=__doc__):
     add(g, "pretrain_steps", 2000, "toy VLM pretraining steps (VQA only), per block")
     add(g, "pretrain_min_vqa", 0.7, "restart a VLM under this held-out VQA accuracy (pretrain_vlm)")
     add(g, "pretrain_blocks", 4, "at most this many pretraining blocks (the first + restarts)")
-    add(g, "train_steps", 4000, "robot training steps")
+    add(g, "train_steps", 3000, "robot training steps")
     add(g, "batch_size", 64, "rows per training step (robot + VQA)")
     add(g, "vqa_frac", 0.125, "co-training: fraction of each robot batch that is VQA")
     add(g, "lr", 3e-3, "robot training's peak learning rate (AdamW)")

@@ -110,6 +110,9 @@ def check_settings(s):
         for k in keys:
             if not s[k] >= ok or (want == "in [0, 1]" and not s[k] <= 1):
                 raise SystemExit(f"error: --{k} must be {want}, got {s[k]}")
+    if s["replan"] > s["action_horizon"] and not s["eval_only"]:  # (--eval_only: the checkpoint's H)
+        raise SystemExit(f"error: --replan={s['replan']} executes more actions than a chunk holds "
+                         f"(--action_horizon={s['action_horizon']})")
     if not s["fast_scale"] > 0:
         raise SystemExit(f"error: --fast_scale must be > 0, got {s['fast_scale']}")
     base = 2 * round(s["fast_scale"] * s["action_horizon"] ** 0.5) + 1  # FAST's symbols (kivla.py)
